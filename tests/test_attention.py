@@ -1,0 +1,102 @@
+"""MW-MHA against a plain per-head loop (float64), locality, and the all-global case."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention import Attention, MultiWindowAttention, window_sizes
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def per_head_loop(attn: MultiWindowAttention, x: torch.Tensor) -> torch.Tensor:
+    """The official approach written plainly: one head at a time, one window at a time."""
+    B, n, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).reshape(B, n, 3, H, d).unbind(2)  # each (B, n, H, d)
+    heads = []
+    for h, w in enumerate(attn.windows):
+        w = min(w, n)
+        out = torch.empty(B, n, d)
+        for s in range(0, n, w):
+            qh, kh, vh = (t[:, s:s + w, h] for t in (q, k, v))  # (B, w, d)
+            scores = qh @ kh.transpose(1, 2) / math.sqrt(d)
+            if str(h) in attn.rel_pos:
+                table = attn.rel_pos[str(h)].detach()
+                bias = torch.tensor([[table[i - j + attn.windows[h] - 1] for j in range(w)] for i in range(w)])
+                scores = scores + bias
+            out[:, s:s + w] = scores.softmax(-1) @ vh
+        heads.append(out)
+    return attn.proj(torch.cat(heads, dim=-1))
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_window_rule():
+    assert window_sizes(250) == [2, 5, 10, 25, 50, 125, 250, 250]
+    assert len(window_sizes(640)) == 16  # 5 x 5 patches: 40 x 16 grid
+
+
+@pytest.mark.parametrize("windows", [
+    [2, 5, 10, 25, 50, 125, 250, 250],   # the paper's decoder
+    [250, 2, 10, 2, 250, 5],             # heads of a size not adjacent: regrouped and restored
+])
+@pytest.mark.parametrize("rel_pos_bias", [True, False])
+def test_equals_per_head_loop(windows, rel_pos_bias):
+    attn = MultiWindowAttention(6 * len(windows), windows, 250, rel_pos_bias=rel_pos_bias)
+    randomise(attn)
+    x = torch.randn(2, 250, 6 * len(windows))
+    assert (attn(x) - per_head_loop(attn, x)).abs().max() <= 1e-10
+
+
+def test_short_sequence_clips_windows():
+    """The encoder's 50 visible tokens: windows above 50 act as global heads."""
+    attn = MultiWindowAttention(48, window_sizes(250), 250)
+    randomise(attn)
+    x = torch.randn(2, 50, 48)
+    assert (attn(x) - per_head_loop(attn, x)).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("w", [2, 5, 25])
+def test_windowed_head_is_local(w):
+    """d out_i / d x_j = 0 whenever i and j fall in different windows."""
+    attn = MultiWindowAttention(8, [w], 50)
+    randomise(attn)
+    x = torch.randn(1, 50, 8, requires_grad=True)
+    out = attn(x)
+    for i in (0, w - 1, w, 49):
+        (grad,) = torch.autograd.grad(out[0, i].sum(), x, retain_graph=True)
+        touched = grad[0].abs().sum(-1) > 0  # (n,)
+        window = torch.arange(50) // w == i // w
+        assert torch.equal(touched, window)
+
+
+def test_all_global_equals_standard_mha():
+    mha, mw = Attention(64, 8), MultiWindowAttention(64, [100] * 8, 100)
+    randomise(mha)
+    mw.load_state_dict(mha.state_dict())  # global heads have no bias tables
+    x = torch.randn(3, 100, 64)
+    assert (mha(x) - mw(x)).abs().max() <= 1e-12
+    q = torch.randn(3, 8, 100, 8)
+    assert torch.allclose(F.scaled_dot_product_attention(q, q, q), (q @ q.transpose(-1, -2) / math.sqrt(8)).softmax(-1) @ q)
+
+
+def test_rope_is_relative():
+    """With RoPE, shifting all positions leaves attention unchanged."""
+    attn = MultiWindowAttention(32, [10, 10, 50, 50], 50, rope=True)
+    randomise(attn)
+    x = torch.randn(2, 50, 32)
+    pos = torch.arange(50).expand(2, -1)
+    assert (attn(x, pos) - attn(x, pos + 7)).abs().max() <= 1e-10
+    assert (attn(x, pos) - attn(x, pos.flip(1))).abs().max() > 1e-3
