@@ -1,26 +1,82 @@
-"""Audio loading and the log-mel frontend shared by pretraining and embedding.
+"""Audio loading, the log-mel frontend, the pretraining feature store and its datasets.
 
 Public API
 ----------
-load_audio(path, sample_rate=16000) -> np.ndarray
-    Any file libsndfile reads -> float32 mono samples at `sample_rate`.
-LogMel()
-    nn.Module: waveform (..., samples) -> log-mel (..., frames, 80).
-normalize(x)
-    Per-clip standardisation over time and mel: (x - mean) / (std + 1e-8).
-AudioError
-    The one exception raised for audio that cannot be used.
+Frontend
+    load_audio(path, sample_rate=16000) -> np.ndarray
+        Any file libsndfile reads -> float32 mono samples at `sample_rate`.
+    LogMel(dtype=torch.float32)
+        nn.Module: waveform (..., samples) -> log-mel (..., frames, 80).
+    normalize(x, dim=(-2, -1))
+        Per-clip standardisation over time and mel: (x - mean) / (std + 1e-8).
+    AudioError
+        The one exception raised for audio that cannot be used.
+Feature store (log-mel computed once, read many times during pretraining)
+    prepare(inputs, out, workers=1) -> PrepareSummary
+        Walk audio folders, write/extend the store `out` (resumable).
+    FeatureStore(root)
+        Read access: len(store), store.frames/means/stds, store.log_mel(i, start, stop).
+    open_or_prepare_store(paths, cache_dir="cache/stores", workers=1) -> FeatureStore
+        A store directory as is, or audio folders prepared into a cached store.
+    prepare_demo(out="cache/demo_store", n_clips=256, seconds=4.0, seed=0) -> FeatureStore
+        The built-in DEMO store of synthetic sounds (smoke tests, `python train.py` without data).
+    synthetic_audio(n_clips, seconds, seed) -> list[np.ndarray]
+        The demo set's waveforms.
+Pretraining data
+    CropDataset(store, crop_frames=200, seed=0)
+        Item i -> a reproducible random normalised crop (200, 80) of clip i; set_epoch(epoch).
+    make_loader(dataset, batch_size, workers=0, seed=0, distributed=None) -> EpochLoader
+        Shuffled DataLoader (DistributedSampler, drop_last); call loader.set_epoch(epoch).
+
+Command line: `python data.py prepare AUDIO_DIR... --out STORE [--workers N]`,
+`python data.py demo [--out STORE]`, `python data.py speed STORE` (crops per second).
+
+Store format (directory)
+------------------------
+store.json      format name and frontend settings (checked when the store is opened).
+shard_00000.f16 raw little-endian float16 log-mel frames, rows of 80 values, clips back to
+                back; a new shard starts when the next clip would pass ~256 MiB. NOT
+                normalised: normalisation happens at crop time with the whole-clip statistics.
+index.jsonl     one JSON object per clip: {"path", "shard", "offset", "frames", "mean", "std"}
+                (offset and frames in frames; mean and std of the clip's float32 log-mel,
+                population std).
+bad_files.tsv   path<TAB>reason for every rejected file (unreadable, not audio, empty,
+                NaN/Inf, silent).
+
+Crash safety: for every clip the frames are appended to the shard and flushed before its
+index line is appended and flushed; shards are fsynced when closed. A killed run therefore
+loses only the clip being written. On the next run `prepare` drops a partial last index
+line and any entry whose frames are missing from its shard, cuts the last shard back to its
+last indexed frame, and goes on with the files that are neither indexed nor listed as bad
+(delete bad_files.tsv to retry those).
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import hashlib
+import json
+import logging
 import math
+import multiprocessing
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
+import click
 import numpy as np
 import soundfile as sf
 import soxr
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms window
@@ -38,6 +94,9 @@ class AudioError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+    def __reduce__(self):  # keep (path, reason) when pickled across processes
+        return AudioError, (self.path, self.reason)
 
 
 # ---------------------------------------------------------------------------
@@ -163,3 +222,564 @@ def normalize(x: torch.Tensor, dim: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
     mean = x.mean(dim=dim, keepdim=True)
     std = x.std(dim=dim, correction=0, keepdim=True)
     return (x - mean) / (std + NORM_EPS)
+
+
+# ---------------------------------------------------------------------------
+# Feature store: writing
+# ---------------------------------------------------------------------------
+
+STORE_FORMAT = {
+    "format": "mwmae-logmel-store-v1",
+    "sample_rate": SAMPLE_RATE,
+    "n_fft": N_FFT,
+    "hop": HOP,
+    "n_mels": N_MELS,
+    "f_min": F_MIN,
+    "f_max": F_MAX,
+    "dtype": "float16",
+}
+FRAME_BYTES = N_MELS * np.dtype(np.float16).itemsize  # one stored frame: 80 float16
+SHARD_BYTES = 256 * 2**20
+SILENCE_PEAK = 1e-6  # a clip whose peak |sample| is below this (-120 dBFS) counts as silent
+INDEX_FILE, BAD_FILE, META_FILE = "index.jsonl", "bad_files.tsv", "store.json"
+
+
+def shard_path(root: Path, shard: int) -> Path:
+    return root / f"shard_{shard:05d}.f16"
+
+
+@dataclass
+class ClipFeatures:
+    """What a worker sends back for one file: its log-mel, or why it was rejected."""
+
+    path: str
+    log_mel: np.ndarray | None  # (frames, 80) float16, not normalised; None for a bad file
+    mean: float = 0.0  # whole-clip statistics of the float32 log-mel
+    std: float = 0.0
+    error: str = ""
+
+
+def extract_features(path: str) -> ClipFeatures:
+    """Load one file and compute its log-mel; never raises, bad files come back with `error`."""
+    try:
+        audio = load_audio(path)  # (samples,)
+        if np.abs(audio).max() < SILENCE_PEAK:
+            raise AudioError(path, f"silent (peak below {SILENCE_PEAK:g})")
+        with torch.no_grad():
+            log_mel = LogMel()(torch.from_numpy(audio))  # (frames, 80) float32
+        if not torch.isfinite(log_mel).all():
+            raise AudioError(path, "log-mel not finite (samples far beyond full scale)")
+    except AudioError as error:
+        return ClipFeatures(path, None, error=error.reason)
+    except Exception as error:  # noqa: BLE001 - one odd file must not stop a long run
+        return ClipFeatures(path, None, error=f"unexpected {type(error).__name__}: {error}")
+    std, mean = torch.std_mean(log_mel, correction=0)  # population std, as in `normalize`
+    return ClipFeatures(path, log_mel.numpy().astype(np.float16), float(mean), float(std))
+
+
+def read_index(root: str | Path) -> list[dict]:
+    """The complete entries of a store's index.jsonl (a partial last line is ignored)."""
+    path = Path(root) / INDEX_FILE
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the line an interrupted run was writing
+    return entries
+
+
+def read_bad_files(root: str | Path) -> dict[str, str]:
+    """{path: reason} from a store's bad_files.tsv."""
+    path = Path(root) / BAD_FILE
+    if not path.exists():
+        return {}
+    with open(path, newline="") as file:
+        return {row[0]: row[1] for row in csv.reader(file, delimiter="\t") if len(row) == 2}
+
+
+def recover_index(root: Path) -> list[dict]:
+    """Make index and shards consistent after an interrupted run; return the valid entries.
+
+    Keeps the entries up to the first one that is unreadable or whose frames are not all in
+    its shard file, rewrites the index atomically if anything was dropped, cuts the last
+    shard back to its last indexed frame and removes shards after it.
+    """
+    shard_sizes = {int(path.stem.split("_")[1]): path.stat().st_size
+                   for path in root.glob("shard_*.f16")}  # bytes
+    entries = []
+    for entry in read_index(root):
+        if shard_sizes.get(entry["shard"], -1) < (entry["offset"] + entry["frames"]) * FRAME_BYTES:
+            break
+        entries.append(entry)
+    index = root / INDEX_FILE
+    if index.exists() and len(index.read_text().splitlines()) != len(entries):
+        logger.warning("%s: dropping index entries of an interrupted run", index)
+        temporary = index.with_suffix(".tmp")
+        temporary.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+        os.replace(temporary, index)
+    last, used = last_shard_fill(entries)
+    for shard in shard_sizes:
+        if shard > last:
+            shard_path(root, shard).unlink()
+        elif shard == last:
+            os.truncate(shard_path(root, shard), used * FRAME_BYTES)
+    return entries
+
+
+def last_shard_fill(entries: list[dict]) -> tuple[int, int]:
+    """(number of the last shard, frames used in it) for index entries in writing order."""
+    if not entries:
+        return 0, 0
+    last = entries[-1]
+    return last["shard"], last["offset"] + last["frames"]
+
+
+class StoreWriter:
+    """Appends clips and bad files to a store directory (see "Store format" above)."""
+
+    def __init__(self, root: str | Path, shard_bytes: int = SHARD_BYTES):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        check_or_write_format(self.root)
+        entries = recover_index(self.root)
+        self.indexed = {entry["path"] for entry in entries}
+        self.bad = set(read_bad_files(self.root))
+        self.shard_frames = max(1, shard_bytes // FRAME_BYTES)
+        self.shard, self.used = last_shard_fill(entries)
+        self.shard_file = open(shard_path(self.root, self.shard), "ab")
+        self.index_file = open(self.root / INDEX_FILE, "a")
+        self.bad_file = open(self.root / BAD_FILE, "a", newline="")
+
+    def add(self, clip: ClipFeatures) -> None:
+        """Append a good clip: frames to the shard first, then its index line."""
+        frames = len(clip.log_mel)
+        if self.used and self.used + frames > self.shard_frames:
+            self._next_shard()
+        self.shard_file.write(clip.log_mel.astype("<f2").tobytes())
+        self.shard_file.flush()
+        entry = dict(path=clip.path, shard=self.shard, offset=self.used, frames=frames,
+                     mean=clip.mean, std=clip.std)
+        self.index_file.write(json.dumps(entry) + "\n")
+        self.index_file.flush()
+        self.used += frames
+        self.indexed.add(clip.path)
+
+    def add_bad(self, path: str, reason: str) -> None:
+        csv.writer(self.bad_file, delimiter="\t").writerow([path, reason])
+        self.bad_file.flush()
+        self.bad.add(path)
+
+    def _next_shard(self) -> None:
+        self._close_shard()
+        self.shard, self.used = self.shard + 1, 0
+        self.shard_file = open(shard_path(self.root, self.shard), "wb")
+
+    def _close_shard(self) -> None:
+        self.shard_file.flush()
+        os.fsync(self.shard_file.fileno())
+        self.shard_file.close()
+
+    def close(self) -> None:
+        self._close_shard()
+        for file in (self.index_file, self.bad_file):
+            os.fsync(file.fileno())
+            file.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def check_or_write_format(root: Path) -> None:
+    """Write store.json in a new store; refuse a store made with other frontend settings."""
+    meta = root / META_FILE
+    if not meta.exists():
+        meta.write_text(json.dumps(STORE_FORMAT, indent=1) + "\n")
+    elif json.loads(meta.read_text()) != STORE_FORMAT:
+        raise ValueError(f"{root} holds a store with other settings: {meta.read_text()}")
+
+
+def find_files(inputs: Iterable[str | Path], exclude: Path | None = None) -> list[str]:
+    """Every file under the given folders (and given files), resolved and sorted.
+
+    Nothing is filtered by extension: whatever libsndfile cannot read is reported as bad.
+    Files directly in `exclude` (the store's own files) are left out; its subfolders are not.
+    """
+    files = set()
+    for item in map(Path, inputs):
+        candidates = item.rglob("*") if item.is_dir() else [item]
+        files.update(path.resolve() for path in candidates if not path.is_dir())
+    if exclude is not None:
+        files = {path for path in files if path.parent != exclude.resolve()}
+    return sorted(map(str, files))
+
+
+@dataclass
+class PrepareSummary:
+    """What one `prepare` run did; str() gives the one-line summary."""
+
+    added: int  # clips computed in this run
+    added_hours: float
+    resumed: int  # files skipped because an earlier run already handled them
+    bad: int  # files rejected in this run
+    total: int  # clips in the store now
+    store: str
+
+    def __str__(self) -> str:
+        return (f"{self.added} clips added ({self.added_hours:.2f} h of audio), "
+                f"{self.resumed} already done, {self.bad} bad files "
+                f"(see {Path(self.store) / BAD_FILE}); the store holds {self.total} clips")
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # the parallelism is across files
+
+
+@contextlib.contextmanager
+def parallel_map(workers: int) -> Iterator[Callable]:
+    """An ordered, lazy map over `workers` processes (in-process for workers <= 1)."""
+    if workers <= 1:
+        yield map
+        return
+    # spawn: forking a process whose torch/OpenMP threads are running can deadlock.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        yield lambda function, items: pool.imap(function, items, chunksize=4)
+
+
+def prepare(
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    workers: int = 1,
+    shard_bytes: int = SHARD_BYTES,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Compute the log-mel of every file under `inputs` into the store `out`.
+
+    Resumable: files already in the index or in bad_files.tsv are skipped. Results are
+    written in sorted path order whatever `workers` is, so the store does not depend on it.
+    """
+    out = Path(out)
+    with StoreWriter(out, shard_bytes) as writer:
+        files = find_files(inputs, exclude=out)
+        todo = [path for path in files if path not in writer.indexed and path not in writer.bad]
+        added = bad = frames = 0
+        with parallel_map(workers) as map_fn:
+            results = map_fn(extract_features, todo)
+            for clip in tqdm(results, total=len(todo), desc="log-mel", unit="file",
+                             disable=not progress):
+                if clip.log_mel is None:
+                    writer.add_bad(clip.path, clip.error)
+                    bad += 1
+                else:
+                    writer.add(clip)
+                    added, frames = added + 1, frames + len(clip.log_mel)
+        total = len(writer.indexed)
+    summary = PrepareSummary(added, frames * HOP / SAMPLE_RATE / 3600, len(files) - len(todo),
+                             bad, total, str(out))
+    logger.info("prepare: %s", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Feature store: reading
+# ---------------------------------------------------------------------------
+
+
+class FeatureStore:
+    """Read access to a prepared store.
+
+    Per-clip columns are numpy arrays (cheap to share with DataLoader workers): `shards`,
+    `offsets`, `frames`, `means`, `stds`. Shards are memory-mapped lazily in each process
+    (at most MAX_OPEN_SHARDS at once, least recently used closed first).
+    """
+
+    MAX_OPEN_SHARDS = 256  # each open memmap holds a file descriptor
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.is_store(self.root):
+            raise FileNotFoundError(f"{self.root} is not a feature store (no {META_FILE})")
+        check_or_write_format(self.root)
+        entries = read_index(self.root)
+        self.shards = np.array([e["shard"] for e in entries], dtype=np.int64)
+        self.offsets = np.array([e["offset"] for e in entries], dtype=np.int64)
+        self.frames = np.array([e["frames"] for e in entries], dtype=np.int64)
+        self.means = np.array([e["mean"] for e in entries], dtype=np.float32)
+        self.stds = np.array([e["std"] for e in entries], dtype=np.float32)
+        self._open: OrderedDict[int, np.memmap] = OrderedDict()
+
+    @staticmethod
+    def is_store(path: str | Path) -> bool:
+        return (Path(path) / META_FILE).is_file()
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def log_mel(self, index: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Frames [start, stop) of clip `index`: a float16 (frames, 80) view of the shard."""
+        frames = int(self.frames[index])
+        stop = frames if stop is None else min(stop, frames)
+        offset = int(self.offsets[index])
+        return self._shard(int(self.shards[index]))[offset + start: offset + stop]
+
+    def _shard(self, shard: int) -> np.memmap:
+        mapped = self._open.pop(shard, None)
+        if mapped is None:
+            mapped = np.memmap(shard_path(self.root, shard), dtype="<f2", mode="r")
+            mapped = mapped.reshape(-1, N_MELS)
+        self._open[shard] = mapped  # now the most recently used
+        if len(self._open) > self.MAX_OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return mapped
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()  # each process maps the shards itself
+        return state
+
+
+# ---------------------------------------------------------------------------
+# Pretraining data
+# ---------------------------------------------------------------------------
+
+
+class CropDataset(Dataset):
+    """Item i -> a random `crop_frames` crop of clip i, normalised with whole-clip statistics.
+
+    Returns float32 (crop_frames, 80) = (log_mel - clip mean) / (clip std + 1e-8).
+    The crop start depends only on (seed, epoch, i), so crops are reproducible, identical
+    with any number of DataLoader workers, and a resumed run sees the same crops: call
+    `set_epoch(epoch)` before each epoch (EpochLoader.set_epoch does).
+    Clips shorter than `crop_frames` are padded at the end with zeros, i.e. with the clip's
+    mean level after normalisation (a neutral value that adds nothing to the clip's statistics).
+    """
+
+    def __init__(self, store: FeatureStore, crop_frames: int = 200, seed: int = 0):
+        self.store = store
+        self.crop_frames = crop_frames
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def crop_start(self, index: int) -> int:
+        """The first frame of item `index`'s crop in the current epoch."""
+        spare = max(int(self.store.frames[index]) - self.crop_frames, 0)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return int(rng.integers(0, spare + 1))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        start = self.crop_start(index)
+        frames = self.store.log_mel(index, start, start + self.crop_frames)  # (<=crop, 80) f16
+        crop = np.zeros((self.crop_frames, N_MELS), dtype=np.float32)  # the zeros are the padding
+        valid = crop[: len(frames)]
+        np.subtract(frames, self.store.means[index], out=valid)
+        valid *= 1 / (self.store.stds[index] + NORM_EPS)
+        return torch.from_numpy(crop)  # (crop_frames, 80)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader whose `set_epoch` reseeds both the shuffling and the crops."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+
+def make_loader(
+    dataset: CropDataset,
+    batch_size: int,
+    workers: int = 0,
+    seed: int = 0,
+    distributed: bool | None = None,
+    pin_memory: bool = False,
+) -> EpochLoader:
+    """Shuffled batches of full size; each process of a distributed run gets its own part.
+
+    distributed=None means "if torch.distributed is initialised". The sampler is always a
+    DistributedSampler (one replica when not distributed) so shuffling is seeded by
+    (seed, epoch) and `loader.set_epoch(epoch)` works the same everywhere. Workers are not
+    persistent, so the dataset's epoch reaches them at the start of every epoch.
+    """
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    replicas, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    if len(sampler) < batch_size:
+        raise ValueError(f"{len(dataset)} clips over {replicas} process(es) "
+                         f"do not fill one batch of {batch_size}")
+    return EpochLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                       drop_last=True, pin_memory=pin_memory)
+
+
+def open_or_prepare_store(
+    paths: Iterable[str | Path], cache_dir: str | Path = "cache/stores", workers: int = 1
+) -> FeatureStore:
+    """A single store directory is opened as is; audio folders are prepared (or the
+    preparation resumed) into `cache_dir/store_<hash of the folder paths>`."""
+    paths = [Path(path) for path in paths]
+    if len(paths) == 1 and FeatureStore.is_store(paths[0]):
+        return FeatureStore(paths[0])
+    key = hashlib.sha1("\n".join(sorted(str(p.resolve()) for p in paths)).encode()).hexdigest()
+    out = Path(cache_dir) / f"store_{key[:12]}"
+    prepare(paths, out, workers=workers)
+    return FeatureStore(out)
+
+
+# ---------------------------------------------------------------------------
+# Demo set: synthetic sounds (NOT real audio)
+# ---------------------------------------------------------------------------
+
+
+def _tone(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """A harmonic tone, 100-2000 Hz fundamental, 1/k harmonic amplitudes below Nyquist."""
+    f0 = 100 * 2 ** rng.uniform(0, math.log2(20))
+    harmonics = np.arange(1, int(SAMPLE_RATE / 2 / f0) + 1)[: rng.integers(1, 9)]
+    return sum(np.sin(2 * np.pi * k * f0 * t) / k for k in harmonics)
+
+
+def _chirp(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """An exponential sweep between two random frequencies in 100-6000 Hz."""
+    f0, f1 = 100 * 60 ** rng.uniform(0, 1, size=2)
+    duration = t[-1] + 1 / SAMPLE_RATE
+    rate = math.log(f1 / f0) / duration
+    return np.sin(2 * np.pi * f0 * np.expm1(rate * t) / rate)
+
+
+def _noise_burst(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """Band-limited white noise with an exponential decay."""
+    spectrum = np.fft.rfft(rng.standard_normal(len(t)))
+    freqs = np.fft.rfftfreq(len(t), 1 / SAMPLE_RATE)
+    low = rng.uniform(50, 4000)
+    spectrum[(freqs < low) | (freqs > low * rng.uniform(1.5, 4))] = 0
+    noise = np.fft.irfft(spectrum, len(t))
+    return noise / (np.abs(noise).max() + 1e-9) * np.exp(-t * rng.uniform(1, 10))
+
+
+def _clicks(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """A train of short resonant clicks: 2-30 clicks/s, resonance 300-5000 Hz."""
+    rate, pitch = rng.uniform(2, 30), rng.uniform(300, 5000)
+    since_click = np.mod(t, 1 / rate)
+    return np.sin(2 * np.pi * pitch * since_click) * np.exp(-since_click * 200)
+
+
+DEMO_SOUNDS = (_tone, _chirp, _noise_burst, _clicks)
+
+
+def synthetic_clip(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """One DEMO clip: 1-3 random sound events over a quiet noise floor, float32 (samples,)."""
+    samples = int(seconds * SAMPLE_RATE)
+    clip = 0.002 * rng.standard_normal(samples)
+    for _ in range(rng.integers(1, 4)):
+        length = int(rng.uniform(0.2, 1.0) * samples)
+        start = rng.integers(0, samples - length + 1)
+        t = np.arange(length) / SAMPLE_RATE
+        sound = DEMO_SOUNDS[rng.integers(len(DEMO_SOUNDS))](rng, t)
+        fade = np.minimum(1, np.minimum(t, t[::-1]) / 0.01)  # 10 ms fades against clicks
+        clip[start: start + length] += rng.uniform(0.1, 0.5) * sound * fade
+    return (0.9 * clip / np.abs(clip).max()).astype(np.float32)
+
+
+def synthetic_audio(n_clips: int = 256, seconds: float = 4.0, seed: int = 0) -> list[np.ndarray]:
+    """The DEMO set: `n_clips` synthetic 16 kHz clips of tones, chirps, noise bursts and
+    click trains at various pitches and rates. Not real audio: for smoke tests and for
+    trying the training loop without a dataset."""
+    rng = np.random.default_rng(seed)
+    return [synthetic_clip(rng, seconds) for _ in range(n_clips)]
+
+
+def prepare_demo(
+    out: str | Path = "cache/demo_store",
+    n_clips: int = 256,
+    seconds: float = 4.0,
+    seed: int = 0,
+    workers: int = 1,
+) -> FeatureStore:
+    """Build (or reopen) the DEMO store: synthetic_audio() written as WAV files under
+    `out/demo_audio/`, then prepared into `out`. A demo, not a pretraining dataset."""
+    out = Path(out)
+    logger.warning("Using the built-in DEMO set (%d synthetic clips of %.1f s) in %s: "
+                   "not real audio.", n_clips, seconds, out)
+    audio_dir = out / "demo_audio"
+    if not audio_dir.is_dir():
+        audio_dir.mkdir(parents=True)
+        for number, clip in enumerate(synthetic_audio(n_clips, seconds, seed)):
+            sf.write(audio_dir / f"demo_{number:05d}.wav", clip, SAMPLE_RATE, subtype="PCM_16")
+    prepare([audio_dir], out, workers=workers, progress=False)
+    return FeatureStore(out)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def measure_crops_per_second(dataset: CropDataset, batch_size: int, workers: int,
+                             batches: int) -> float:
+    """Crops per second delivered by make_loader(dataset, ...) over `batches` batches
+    (after one warm-up batch, so worker start-up is not counted)."""
+    loader = make_loader(dataset, batch_size, workers=workers)
+    epochs = math.ceil((batches + 1) / len(loader))
+    batch_stream = (batch for epoch in range(epochs) for batch in loader)
+    next(batch_stream)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(batch_stream)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+@click.group()
+def cli() -> None:
+    """Prepare log-mel feature stores for pretraining."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+@cli.command("prepare")
+@click.argument("audio_dirs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(), help="Store directory.")
+@click.option("--workers", default=max(1, (os.cpu_count() or 1) - 1), show_default=True)
+@click.option("--shard-mb", default=SHARD_BYTES // 2**20, show_default=True)
+def prepare_command(audio_dirs: tuple[str, ...], out: str, workers: int, shard_mb: int) -> None:
+    """Compute the log-mel of every file under AUDIO_DIRS into the store OUT (resumable)."""
+    summary = prepare(audio_dirs, out, workers=workers, shard_bytes=shard_mb * 2**20)
+    click.echo(f"prepare: {summary}")
+
+
+@cli.command("demo")
+@click.option("--out", default="cache/demo_store", show_default=True, type=click.Path())
+@click.option("--clips", default=256, show_default=True)
+@click.option("--seconds", default=4.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def demo_command(out: str, clips: int, seconds: float, seed: int) -> None:
+    """Build the DEMO store of synthetic sounds (not real audio)."""
+    store = prepare_demo(out, clips, seconds, seed)
+    click.echo(f"demo: DEMO store of {len(store)} synthetic clips in {out} (not real audio)")
+
+
+@cli.command("speed")
+@click.argument("store", type=click.Path(exists=True))
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", "worker_counts", multiple=True, type=int, default=(0, 2),
+              show_default=True)
+@click.option("--batches", default=50, show_default=True)
+def speed_command(store: str, batch_size: int, worker_counts: tuple[int, ...],
+                  batches: int) -> None:
+    """Measure random crops per second from STORE through the DataLoader."""
+    dataset = CropDataset(FeatureStore(store))
+    for workers in worker_counts:
+        rate = measure_crops_per_second(dataset, batch_size, workers, batches)
+        click.echo(f"speed: {rate:,.0f} crops/s with {workers} workers (batch {batch_size})")
+
+
+if __name__ == "__main__":
+    cli()

@@ -179,3 +179,197 @@ def test_load_audio_rejects_bad_files(tmp_path, kind):
         data.load_audio(path)
     assert path.name in str(caught.value)
     assert caught.value.reason
+
+
+# ---------------------------------------------------------------------------
+# Feature store, crops, loader, demo set
+# ---------------------------------------------------------------------------
+
+GOOD = {  # file name -> expected frames (1 + samples // 160 at 16 kHz)
+    "a.wav": 301,
+    "sub/b.wav": 251,
+    "sub/deeper/c.flac": 201,
+    "stereo_44k.wav": 201,
+    "short.wav": 51,
+}
+BAD = {  # file name -> a word the reason must contain
+    "silent.wav": "silent",
+    "zero_bytes.wav": "unreadable",
+    "no_samples.wav": "empty",
+    "nan.wav": "non-finite",
+    "text.wav": "unreadable",
+    "notes.txt": "unreadable",
+    "huge.wav": "not finite",
+}
+
+
+def write_audio_folder(folder: Path) -> Path:
+    """Good clips in nested folders (wav, flac, stereo 44.1 kHz, 0.5 s) and bad files."""
+    rng = np.random.default_rng(0)
+    noise = lambda seconds, rate=16000: (0.1 * rng.standard_normal(int(seconds * rate))).astype(np.float32)
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    sf.write(folder / "a.wav", noise(3.0) + sine(440, 3.0, 16000), 16000)
+    sf.write(folder / "sub" / "b.wav", noise(2.5), 16000, subtype="FLOAT")
+    sf.write(folder / "sub" / "deeper" / "c.flac", noise(2.0), 16000)
+    sf.write(folder / "stereo_44k.wav", np.stack([noise(2.0, 44100)] * 2, axis=1), 44100)
+    sf.write(folder / "short.wav", noise(0.5), 16000)
+    sf.write(folder / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    sf.write(folder / "huge.wav", sine(440, 0.5, 16000) * 1e30, 16000, subtype="FLOAT")
+    for kind in ("zero_bytes", "no_samples", "nan", "text"):
+        write_bad_file(folder, kind)
+    (folder / "notes.txt").write_text("not audio")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def audio_folder(tmp_path_factory) -> Path:
+    return write_audio_folder(tmp_path_factory.mktemp("audio"))
+
+
+@pytest.fixture(scope="module")
+def store_dir(audio_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store")
+    summary = data.prepare([audio_folder], out, progress=False)
+    assert (summary.added, summary.bad, summary.resumed) == (len(GOOD), len(BAD), 0)
+    return out
+
+
+def by_name(entries: list[dict], folder: Path) -> dict[str, dict]:
+    return {str(Path(entry["path"]).relative_to(folder.resolve())): entry for entry in entries}
+
+
+def test_prepare_indexes_good_files_and_lists_bad_ones(store_dir, audio_folder):
+    entries = by_name(data.read_index(store_dir), audio_folder)
+    assert {name: entry["frames"] for name, entry in entries.items()} == GOOD
+    bad = {str(Path(path).relative_to(audio_folder.resolve())): reason
+           for path, reason in data.read_bad_files(store_dir).items()}
+    assert set(bad) == set(BAD)
+    for name, word in BAD.items():
+        assert word in bad[name], (name, bad[name])
+
+
+def test_store_holds_float16_log_mel_and_float32_stats(store_dir, audio_folder):
+    store = data.FeatureStore(store_dir)
+    entries = data.read_index(store_dir)
+    for index, entry in enumerate(entries):
+        expected = data.LogMel()(torch.from_numpy(data.load_audio(entry["path"])))  # (frames, 80)
+        stored = store.log_mel(index)
+        assert stored.dtype == np.float16 and stored.shape == tuple(expected.shape)
+        np.testing.assert_allclose(stored.astype(np.float32), expected.numpy(), rtol=1e-3, atol=1e-3)
+        assert store.means[index] == pytest.approx(float(expected.mean()), rel=1e-5)
+        assert store.stds[index] == pytest.approx(float(expected.std(correction=0)), rel=1e-5)
+
+
+def test_prepare_second_run_is_a_no_op(store_dir, audio_folder):
+    before = {path.name: path.read_bytes() for path in store_dir.iterdir()}
+    summary = data.prepare([audio_folder], store_dir, progress=False)
+    assert (summary.added, summary.bad, summary.resumed) == (0, 0, len(GOOD) + len(BAD))
+    assert summary.total == len(GOOD)
+    assert {path.name: path.read_bytes() for path in store_dir.iterdir()} == before
+
+
+def test_prepare_recovers_from_an_interrupted_run(audio_folder, store_dir, tmp_path):
+    out = tmp_path / "store"
+    data.prepare([audio_folder / "sub"], out, shard_bytes=300 * data.FRAME_BYTES, progress=False)
+    # A crash while the next clip was being written: orphan frames and half an index line.
+    with open(data.shard_path(out, 1), "ab") as shard:
+        shard.write(b"\x00" * 7 * data.FRAME_BYTES)
+    with open(out / data.INDEX_FILE, "a") as index:
+        index.write('{"path": "/half/written')
+    summary = data.prepare([audio_folder], out, shard_bytes=300 * data.FRAME_BYTES, progress=False)
+    assert summary.added == len(GOOD) - 2 and summary.total == len(GOOD)
+    entries = data.read_index(out)
+    # 300-frame shards: b 251 | c 201 | a 301 (alone: longer than a shard) | short 51 + stereo 201
+    assert [entry["shard"] for entry in entries] == [0, 1, 2, 3, 3]
+    reference = data.FeatureStore(store_dir)
+    reference_rows = {entry["path"]: row for row, entry in enumerate(data.read_index(store_dir))}
+    store = data.FeatureStore(out)
+    for row, entry in enumerate(entries):
+        np.testing.assert_array_equal(store.log_mel(row), reference.log_mel(reference_rows[entry["path"]]))
+
+
+def test_prepare_with_workers_gives_the_same_store(audio_folder, store_dir, tmp_path):
+    data.prepare([audio_folder], tmp_path, workers=2, progress=False)
+    for name in (data.INDEX_FILE, data.BAD_FILE, "shard_00000.f16"):
+        assert (tmp_path / name).read_bytes() == (store_dir / name).read_bytes(), name
+
+
+def test_crops_are_normalised_reproducible_and_padded(store_dir):
+    store = data.FeatureStore(store_dir)
+    dataset = data.CropDataset(store, crop_frames=200, seed=3)
+    for index in range(len(store)):
+        crop = dataset[index]
+        assert crop.dtype == torch.float32 and crop.shape == (200, 80)
+        torch.testing.assert_close(crop, dataset[index], rtol=0, atol=0)
+        frames = int(store.frames[index])
+        start = dataset.crop_start(index)
+        whole = data.normalize(torch.from_numpy(store.log_mel(index).astype(np.float32)))
+        valid = min(frames, 200)
+        # stats are of the float32 log-mel, the frames float16: agreement to float16 precision
+        torch.testing.assert_close(crop[:valid], whole[start: start + valid], rtol=0, atol=1e-2)
+        if frames < 200:
+            assert start == 0 and not crop[valid:].any()
+
+
+def test_crops_depend_on_seed_epoch_and_index(store_dir):
+    store = data.FeatureStore(store_dir)
+    long_clip = int(np.argmax(store.frames))  # 301 frames: 102 possible starts
+    dataset = data.CropDataset(store, seed=0)
+
+    def starts(seed, epoch):
+        dataset.seed = seed
+        dataset.set_epoch(epoch)
+        return [dataset.crop_start(long_clip) for _ in range(2)]
+
+    assert starts(0, 0) == starts(0, 0)
+    draws = {tuple(starts(seed, epoch)) for seed in range(4) for epoch in range(4)}
+    assert len(draws) > 8
+
+
+def test_loader_batches_and_worker_independence(store_dir):
+    dataset = data.CropDataset(data.FeatureStore(store_dir), seed=1)
+    loader = data.make_loader(dataset, batch_size=2, workers=0, seed=5)
+    loader.set_epoch(1)
+    first = list(loader)
+    assert len(first) == len(GOOD) // 2 and first[0].shape == (2, 200, 80)
+    loader.set_epoch(1)
+    again = list(loader)
+    parallel = data.make_loader(dataset, batch_size=2, workers=2, seed=5)
+    parallel.set_epoch(1)
+    for a, b, c in zip(first, again, parallel):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    loader.set_epoch(2)
+    assert not all(torch.equal(a, b) for a, b in zip(first, loader))
+    with pytest.raises(ValueError):
+        data.make_loader(dataset, batch_size=len(GOOD) + 1)
+
+
+def test_loader_splits_between_distributed_ranks(store_dir, monkeypatch):
+    dataset = data.CropDataset(data.FeatureStore(store_dir))
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        loader = data.make_loader(dataset, batch_size=1, distributed=True)
+        seen.append(list(loader.sampler))
+    assert len(seen[0]) == len(seen[1]) == len(GOOD) // 2
+    assert not set(seen[0]) & set(seen[1])
+
+
+def test_open_or_prepare_store(audio_folder, store_dir, tmp_path):
+    assert data.open_or_prepare_store([store_dir]).root == store_dir
+    store = data.open_or_prepare_store([audio_folder / "sub"], cache_dir=tmp_path)
+    assert len(store) == 2 and store.root.parent == tmp_path
+
+
+def test_demo_store(tmp_path):
+    clips = data.synthetic_audio(n_clips=3, seconds=1.5, seed=7)
+    assert len(clips) == 3 and all(c.dtype == np.float32 and c.shape == (24000,) for c in clips)
+    assert all(0.5 < np.abs(c).max() <= 1 for c in clips)
+    np.testing.assert_array_equal(clips[2], data.synthetic_audio(3, 1.5, seed=7)[2])
+    store = data.prepare_demo(tmp_path / "demo", n_clips=6, seconds=2.5)
+    assert len(store) == 6 and (store.frames == 251).all()
+    assert data.read_bad_files(store.root) == {}
+    crop = data.CropDataset(store)[0]
+    assert crop.shape == (200, 80) and torch.isfinite(crop).all()
