@@ -18,33 +18,33 @@ safetensors. It is organised in sections:
 1. Checkpoint readers (this section): read the official files into flat
    dictionaries of float32 arrays/tensors under the *official* parameter names,
    without jax, flax or ml_collections, and without executing pickled code.
-2. Name mapping from the official parameter names to ours (appended later).
-3. Preset inference from the checkpoint contents (appended later).
-4. Command-line interface (appended later).
+2. Name mapping from the official parameter names to ours.
+3. Config inference from the checkpoint contents (sizes, block kind, windows, CLS).
+4. Command-line interface: ``python convert.py CHECKPOINT --out model.safetensors``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import json
 import os
 import pickle
 import re
 import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import click
 import ml_dtypes
 import msgpack
 import numpy as np
 import torch
 
-__all__ = [
-    "UnsafeCheckpointError",
-    "read_flax_checkpoint",
-    "read_torch_checkpoint",
-    "safe_torch_load",
-]
+from attention import window_sizes
+from mae import MAE, SIZES, MAEConfig, load_pretrained, save_pretrained
 
 
 # ============================================================================
@@ -505,12 +505,172 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # 2. Name mapping: official parameter names -> ours
 # ============================================================================
 
+def _rename(name: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+FLAX_RULES = [  # official MW-MAE / MAE (flax) path -> our state-dict key
+    (r"^encoder_block_0*(\d+)/", r"blocks.\1."),
+    (r"^decoder_block_0*(\d+)/", r"decoder_blocks.\1."),
+    (r"LayerNorm_0/", "norm1/"), (r"LayerNorm_1/", "norm2/"),
+    (r"(Attention_0/Dense_0|wmha_block/qkv)/", "attn.qkv/"),
+    (r"(Attention_0/Dense_1|wmha_block/proj)/", "attn.proj/"),
+    (r"wmha_block/attn_heads_(\d+)/relative_position_bias_table", r"attn.rel_pos.\1"),
+    (r"Mlp_0/Dense_0/", "mlp.fc1/"), (r"Mlp_0/Dense_1/", "mlp.fc2/"),
+    (r"^encoder_norm/", "norm/"), (r"^patch_embed/proj/", "patch_embed/"),
+    (r"/(kernel|scale)$", ".weight"), (r"/bias$", ".bias"),
+]
+
+AUDIOMAEPP_RULES = [  # official AudioMAE++ (torch) key -> our state-dict key
+    (r"^patch_embed\.proj\.", "patch_embed."),
+    (r"^encoder\.encoder_norm\.", "norm."), (r"^encoder\.", ""), (r"^decoder\.", ""),
+    (r"\.ffn1\.layer1\.", ".ffn1.fc1."), (r"\.ffn1\.layer2\.", ".ffn1.fc2."),
+    (r"\.attn\.qkv_layer\.", ".attn.qkv."), (r"\.attn\.proj_layer\.", ".attn.proj."),
+    (r"\.ffn2\.linear1\.", ".ffn2.value."), (r"\.ffn2\.linear2\.", ".ffn2.gate."),
+    (r"\.ffn2\.ln\.", ".ffn2.norm."), (r"\.ffn2\.project\.", ".ffn2.proj."),
+]
+
+
+def flax_to_state_dict(params: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Official flax params ('/'-joined paths) -> our state dict. Dense kernels are
+    (in, out) -> transposed; the conv kernel is HWIO -> OIHW; bias tables (2w-1, 1) -> (2w-1,)."""
+    state = {}
+    for path, value in params.items():
+        key, value = _rename(path, FLAX_RULES), np.array(value, dtype=np.float32)
+        if key == "patch_embed.weight":
+            value = value.transpose(3, 2, 0, 1)
+        elif key.endswith(".weight") and value.ndim == 2:
+            value = value.T
+        elif ".rel_pos." in key:
+            value = value.reshape(-1)
+        state[key] = torch.from_numpy(np.ascontiguousarray(value))
+    return state
+
+
+def audiomaepp_to_state_dict(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official AudioMAE++ state dict -> ours (same layouts, other names)."""
+    return {_rename(k, AUDIOMAEPP_RULES): v.float() for k, v in official.items()}
+
 
 # ============================================================================
 # 3. Preset inference
 # ============================================================================
 
+def _count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return len({k.split(".")[1] for k in state if k.startswith(prefix + ".")})
+
+
+def _has_windows(state: Mapping[str, torch.Tensor], prefix: str, rule: list[int]) -> bool:
+    """Whether the blocks are multi-window, from their relative-bias tables (2w - 1 entries
+    each). Global heads carry no table; the windows must follow `rule`."""
+    tables = {int(k.rsplit(".", 1)[1]): v.numel() for k, v in state.items()
+              if k.startswith(prefix + ".0.attn.rel_pos.")}
+    if any(h >= len(rule) or rule[h] != (n + 1) // 2 for h, n in tables.items()):
+        found = {h: (n + 1) // 2 for h, n in sorted(tables.items())}
+        raise ValueError(f"windowed heads {found} do not follow the window rule {rule}: "
+                         "pass --set windows=[...]")
+    return bool(tables)
+
+
+def infer_config(state: Mapping[str, torch.Tensor], **overrides) -> MAEConfig:
+    """Our model config from a state dict in our names: sizes from tensor shapes, block kind
+    from the layer names, windows from the bias tables. Head counts of global attention
+    cannot be seen in the weights: the encoder's follow the size table (dim 192 -> 3 heads,
+    ...), the decoder's default to 8, as in both releases; override them if yours differ."""
+    patch = tuple(state["patch_embed.weight"].shape[2:])
+    dim = state["patch_embed.weight"].shape[0]
+    cls = "cls_token" in state
+    num_patches = state["pos_embed"].shape[1] - int(cls)
+    mel_patches = 80 // patch[1]
+    grid = (num_patches // mel_patches, mel_patches)
+    heads = {d: h for d, _, h in SIZES.values()}.get(dim, max(1, dim // 64))
+    rule = list(overrides.get("windows") or window_sizes(num_patches))
+    config = dict(
+        input_size=(grid[0] * patch[0], grid[1] * patch[1]), patch_size=patch,
+        embed_dim=dim, depth=_count(state, "blocks"), num_heads=heads,
+        decoder_dim=state["decoder_embed.weight"].shape[0], decoder_depth=_count(state, "decoder_blocks"),
+        block="plusplus" if "blocks.0.ffn2.value.weight" in state else "vit", cls_token=cls,
+        encoder_multiwindow=_has_windows(state, "blocks", rule),
+        decoder_multiwindow=_has_windows(state, "decoder_blocks", rule),
+    )
+    return MAEConfig(**{**config, **overrides})
+
+
+def convert(path: str | os.PathLike, **overrides) -> MAE:
+    """Any supported checkpoint -> our model: an official MW-MAE / MAE flax file, an official
+    AudioMAE++ .pth (or state dict), or one of ours (.safetensors, or train.py's checkpoint)."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or _is_our_checkpoint(path):
+        model = load_pretrained(path)
+        return MAE(dataclasses.replace(model.cfg, **overrides)) if overrides else model
+    if _is_flax_checkpoint(path):
+        # The MW-MAE release trains its position tables (they are parameters there).
+        state, release = flax_to_state_dict(read_flax_checkpoint(path)), dict(trainable_pos=True)
+    else:
+        # The AudioMAE++ release applies norm2 again before its SwiGLU (norm3 unused).
+        state, release = audiomaepp_to_state_dict(read_torch_checkpoint(path)), dict(reuse_norm2=True)
+    model = MAE(infer_config(state, **{**release, **overrides}))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _FIXED_BUFFERS]
+    if missing or unexpected:
+        raise ValueError(f"{os.fspath(path)}: weights do not fit the inferred model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}); override the config")
+    return model
+
+
+_FIXED_BUFFERS = ("pos_embed", "decoder_pos_embed")  # absent from some files: the sin-cos init stands
+
+
+def _is_flax_checkpoint(path: Path) -> bool:
+    with _open_maybe_gzip(path) as f:
+        first = f.read(1)
+    return bool(first) and _is_msgpack_map_start(first[0])
+
+
+def _is_our_checkpoint(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return False
+    return isinstance(obj, dict) and {"config", "model"} <= obj.keys()
+
 
 # ============================================================================
 # 4. Command-line interface
 # ============================================================================
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    if key not in {f.name for f in dataclasses.fields(MAEConfig)}:
+        raise click.BadParameter(f"unknown config field {key!r}")
+    return key, json.loads(value)
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .safetensors file (weights + config).")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=JSON",
+              help='Override an inferred config field, e.g. --set decoder_heads=16 --set windows="[2,5,250]".')
+def cli(checkpoint: Path, out: Path, overrides: tuple[str, ...]):
+    """Convert an official MW-MAE / MAE (flax msgpack) or AudioMAE++ (.pth) checkpoint,
+    or one of ours, to this project's safetensors format, loadable by embed.py,
+    evaluate.py and train.py."""
+    try:
+        model = convert(checkpoint, **dict(map(_parse_override, overrides)))
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    save_pretrained(model, out)
+    cfg = model.cfg
+    click.echo(f"{checkpoint} -> {out}: {cfg.block} blocks, dim {cfg.embed_dim} x {cfg.depth}, "
+               f"decoder {cfg.decoder_dim} x {cfg.decoder_depth}"
+               f"{' (multi-window)' if cfg.decoder_multiwindow else ''}, patch {cfg.patch_size}, "
+               f"cls {cfg.cls_token}, {sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+if __name__ == "__main__":
+    cli()
