@@ -40,8 +40,10 @@ shard_00000.f16 raw little-endian float16 log-mel frames, rows of 80 values, cli
 index.jsonl     one JSON object per clip: {"path", "shard", "offset", "frames", "mean", "std"}
                 (offset and frames in frames; mean and std of the clip's float32 log-mel,
                 population std).
-bad_files.tsv   path<TAB>reason for every rejected file (unreadable, not audio, empty,
-                NaN/Inf, silent).
+bad_files.tsv   path<TAB>reason for every rejected file: unreadable or not audio, empty,
+                NaN/Inf samples, silent (peak |sample| below 1e-6: digital silence, as 16-bit
+                audio cannot be that quiet otherwise), or a non-finite log-mel.
+read_index(root) and read_bad_files(root) return their contents.
 
 Crash safety: for every clip the frames are appended to the shard and flushed before its
 index line is appended and flushed; shards are fsynced when closed. A killed run therefore
@@ -442,9 +444,18 @@ def _init_worker() -> None:
 
 @contextlib.contextmanager
 def parallel_map(workers: int) -> Iterator[Callable]:
-    """An ordered, lazy map over `workers` processes (in-process for workers <= 1)."""
+    """An ordered, lazy map over `workers` processes (in-process for workers <= 1).
+
+    Each file is computed with one torch thread: intra-op threads only add overhead on
+    arrays this small (measured: 6 ms CPU per 3.7 s clip with 1 thread, 35 ms with 2).
+    """
     if workers <= 1:
-        yield map
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield map
+        finally:
+            torch.set_num_threads(threads)
         return
     # spawn: forking a process whose torch/OpenMP threads are running can deadlock.
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
@@ -711,8 +722,8 @@ def prepare_demo(
     logger.warning("Using the built-in DEMO set (%d synthetic clips of %.1f s) in %s: "
                    "not real audio.", n_clips, seconds, out)
     audio_dir = out / "demo_audio"
-    if not audio_dir.is_dir():
-        audio_dir.mkdir(parents=True)
+    if len(list(audio_dir.glob("demo_*.wav"))) < n_clips:  # new, or interrupted while writing
+        audio_dir.mkdir(parents=True, exist_ok=True)
         for number, clip in enumerate(synthetic_audio(n_clips, seconds, seed)):
             sf.write(audio_dir / f"demo_{number:05d}.wav", clip, SAMPLE_RATE, subtype="PCM_16")
     prepare([audio_dir], out, workers=workers, progress=False)
