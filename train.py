@@ -1,0 +1,512 @@
+"""Pretrain a masked autoencoder (MW-MAE, MAE, AudioMAE++) on audio, top to bottom in one loop.
+
+    python train.py                                       # DEMO: synthetic sounds, minutes on a CPU
+    python train.py AUDIO_DIR... --model mwmae-base --out runs/base --epochs 100 --batch-size 64
+    python train.py STORE --resume --out runs/base        # continue exactly where it stopped
+    torchrun --nproc_per_node 8 train.py STORE ...        # several GPUs or nodes (DDP)
+    PJRT_DEVICE=TPU python train.py STORE --device xla    # TPU through torch_xla
+
+DATA is audio folders (their log-mel is computed once into a feature store under --cache-dir,
+see data.py) or a store directory made by `python data.py prepare`. Without DATA the run uses
+the built-in DEMO set of synthetic sounds and small defaults.
+
+Recipe (paper defaults): AdamW, betas (0.9, 0.95), weight decay 0.05 except on biases, norms,
+tokens and position tables; lr = blr * global batch / 256 with global batch = batch size x
+accumulation steps x processes; linear warm-up, then cosine decay to 0, set every step.
+The mask ratio comes from the model config (0.8). bf16 autocast on CUDA and XLA, fp32 on CPU.
+
+Exactness: the crop of clip i and its mask noise depend only on (seed, epoch, i), and the
+sampler splits each global batch across processes. A run therefore does the same arithmetic
+(up to float summation order) with any number of processes at the same global batch, and a
+resumed run continues bit for bit.
+
+Outputs in --out:
+    checkpoint.pt        latest state (model config and weights, optimizer, schedule, step,
+                         RNG states, data position), replaced atomically every --save-every steps,
+                         on SIGINT/SIGTERM and at the end; read it with
+                         torch.load(weights_only=True) or mae.load_pretrained
+    recon_step*.png      input log-mel, masked input and reconstruction at every checkpoint
+    metrics.jsonl        one JSON object per logged step: step, epoch, loss, lr, samples/s, time
+    model.safetensors    the final weights and config (mae.load_pretrained; embed.py takes it)
+"""
+import contextlib
+import importlib.util
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.distributed as dist
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import mae
+
+NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")  # besides 1-D tensors
+MASK_STREAM = 0x6D61736B  # keeps the mask noise apart from data.py's crop randomness
+CHECKPOINT = "checkpoint.pt"
+
+# Without DATA: the DEMO set and a model and schedule small enough for a laptop CPU.
+# Warm-up: 10 epochs as in the papers (of 100); the DEMO warms up over 10% of its steps.
+DEMO = dict(overrides=("depth=2", "decoder_depth=1", "decoder_dim=128"), batch_size=16,
+            max_steps=300, warmup_epochs=None, save_every=100)
+DEFAULTS = dict(overrides=(), batch_size=64, max_steps=None, warmup_epochs=10.0, save_every=1000)
+
+
+# ----------------------------------------------------------------------------- setup
+
+def model_overrides(items: tuple[str, ...]) -> dict:
+    """('depth=4', 'windows=[2,5,250]') -> {'depth': 4, 'windows': [2, 5, 250]} (JSON values)."""
+    known = {field.name for field in fields(mae.MAEConfig)}
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, KEY in {sorted(known)}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare string such as block=plusplus
+    return overrides
+
+
+def setup_device(kind: str) -> tuple[torch.device, int, int]:
+    """The device of this process, and (rank, world size) when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "xla" if has_torch_xla() else "cpu"
+    if kind == "xla":
+        import torch_xla
+        device = torch_xla.device()
+    elif kind == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        if kind == "xla":
+            import torch_xla.distributed.xla_backend  # noqa: F401 - registers the "xla" backend
+            dist.init_process_group("xla", init_method="xla://")
+        else:
+            dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    return device, rank, world
+
+
+def has_torch_xla() -> bool:
+    return importlib.util.find_spec("torch_xla") is not None
+
+
+def open_store(paths: tuple[str, ...], cache_dir: Path, workers: int) -> data.FeatureStore:
+    """The feature store of DATA (or of the DEMO set). The first process of each machine
+    prepares it while the others wait, then everyone opens it."""
+    def prepare():
+        if not paths:
+            return data.prepare_demo(cache_dir / "demo_store", workers=workers)
+        return data.open_or_prepare_store(paths, cache_dir / "stores", workers=workers)
+
+    if not dist.is_initialized():
+        return prepare()
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        prepare()
+    dist.barrier()
+    return prepare()  # already complete: only opens it
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms (1-D), tokens, position tables."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        skip = param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY
+        (no_decay if skip else decay).append(param)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then half a cosine down to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- data
+
+def mask_noise(indices: torch.Tensor, seed: int, epoch: int, num_patches: int) -> torch.Tensor:
+    """Uniform noise that decides the masks (B,) -> (B, L): a function of (seed, epoch, clip)
+    only, so a sample gets the same mask whichever process or micro-batch it lands in."""
+    rows = [np.random.default_rng([MASK_STREAM, seed, epoch, int(i)]).random(num_patches)
+            for i in indices]
+    return torch.from_numpy(np.stack(rows).astype(np.float32))
+
+
+def micro_batches(loader: data.EpochLoader, seed: int, epoch: int, skip: int, per_epoch: int,
+                  num_patches: int):
+    """Endless (crops (B, T, F), noise (B, L)), starting at micro-batch `skip` of `epoch`.
+    Each epoch yields `per_epoch` micro-batches (whole optimizer steps; the rest is dropped).
+    Skipped micro-batches of a resumed epoch are still read from the loader, not used."""
+    while True:
+        loader.set_epoch(epoch)
+        order = torch.tensor(list(loader.sampler))  # this process's clips, in batch order
+        indices = order[: per_epoch * loader.batch_size].view(per_epoch, loader.batch_size)
+        for ids, crops in itertools.islice(zip(indices, loader), skip, None):
+            yield crops, mask_noise(ids, seed, epoch, num_patches)
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_states() -> dict:
+    """Global generator states as tensors and plain containers (torch.load(weights_only=True))."""
+    numpy_state = np.random.get_state()
+    states = dict(torch=torch.get_rng_state(), python=random.getstate(),
+                  numpy=[numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
+                         *numpy_state[2:]])
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def to_cpu(state):
+    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {key: to_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(value) for value in state)
+    return state
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    state = to_cpu(checkpoint)
+    mae.atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the lines logged after `step` (by a run that died after its last checkpoint)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        mae.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{x}\n" for x in lines)))
+
+
+def unpatchify(patches: torch.Tensor, cfg: mae.MAEConfig) -> torch.Tensor:
+    """(B, L, pt * pf) -> (B, T, F): the inverse of MAE.patchify."""
+    (T_, F_), (pt, pf) = cfg.grid, cfg.patch_size
+    x = patches.reshape(patches.shape[0], T_, F_, pt, pf).permute(0, 1, 3, 2, 4)
+    return x.reshape(patches.shape[0], T_ * pt, F_ * pf)
+
+
+def save_reconstruction(model: mae.MAE, x: torch.Tensor, noise: torch.Tensor, path: Path,
+                        title: str) -> None:
+    """PNG of one example x (1, T, F): input | masked input | reconstruction (the predicted
+    masked patches pasted between the visible ones)."""
+    model.eval()
+    with torch.no_grad():
+        loss, pred, mask = model(x, noise)
+    model.train()
+    patches, masked = model.patchify(x), mask[..., None].bool()  # (1, L, P), (1, L, 1)
+    panels = {"input": x,
+              f"masked input ({model.cfg.mask_ratio:.0%} hidden)": unpatchify(
+                  patches.masked_fill(masked, float("nan")), model.cfg),
+              f"reconstruction (loss {loss.item():.3f})": unpatchify(
+                  torch.where(masked, pred, patches), model.cfg)}
+    figure = Figure(figsize=(15, 3.5), layout="constrained")
+    axes = figure.subplots(1, 3, sharey=True)
+    low, high = np.percentile(x.cpu().numpy(), [1, 99])
+    colours = colormaps["magma"].with_extremes(bad="0.8")  # masked patches (NaN) in grey
+    for ax, (name, image) in zip(axes, panels.items()):
+        ax.imshow(image[0].T.float().cpu().numpy(), origin="lower", aspect="auto",
+                  cmap=colours, vmin=low, vmax=high, interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xlabel("frame (10 ms)")
+    axes[0].set_ylabel("mel bin")
+    figure.suptitle(title)
+    mae.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@contextlib.contextmanager
+def stop_requests():
+    """While active, a first SIGINT or SIGTERM only appends its number to the yielded list
+    (the loop then stops after the current step with a checkpoint); a second one acts as
+    usual (e.g. Ctrl-C twice interrupts at once). Handlers are restored on exit."""
+    received, previous = [], {}
+
+    def request_stop(signum, frame):
+        received.append(signum)
+        signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, request_stop)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is true in any process (so that all of them stop at the same step)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def mean_over_processes(value: torch.Tensor) -> float:
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value.item()
+
+
+# ----------------------------------------------------------------------------- command
+
+@click.command(context_settings=dict(show_default=True))
+@click.argument("data_paths", metavar="[DATA|STORE]...", nargs=-1, type=click.Path(exists=True))
+@click.option("--model", "model_name", default="mwmae-tiny", type=click.Choice(mae.PRESETS))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Model config override, e.g. --set depth=4 --set decoder_dim=256. "
+                   f"[DEMO default: {' '.join(DEMO['overrides'])}]")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder. [default: runs/demo or runs/MODEL]")
+@click.option("--epochs", default=100, help="Length of the run, unless --max-steps is given.")
+@click.option("--max-steps", type=int, help="Optimizer steps in the run (sets the schedule).")
+@click.option("--stop-at", type=int,
+              help="End this job after this step with a checkpoint, schedule unchanged "
+                   "(split a long run into jobs; continue with --resume).")
+@click.option("--batch-size", type=int,
+              help=f"Clips per process and micro-batch. [default: {DEFAULTS['batch_size']}, "
+                   f"DEMO {DEMO['batch_size']}]")
+@click.option("--accum-steps", default=1, help="Micro-batches per optimizer step.")
+@click.option("--blr", default=1.5e-4, help="Base learning rate: lr = blr * global batch / 256.")
+@click.option("--betas", default=(0.9, 0.95), type=(float, float), help="AdamW betas.")
+@click.option("--weight-decay", default=0.05)
+@click.option("--warmup", "warmup_epochs", type=float,
+              help="Warm-up length in epochs. [default: 10, DEMO: 10% of the steps]")
+@click.option("--warmup-steps", type=int, help="Warm-up length in steps (instead of --warmup).")
+@click.option("--device", "device_kind", default="auto",
+              type=click.Choice(["auto", "cpu", "cuda", "xla"]),
+              help="auto: cuda if available, else xla if torch_xla is installed, else cpu.")
+@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp64"]),
+              help="auto: bf16 autocast on cuda and xla, fp32 on cpu. fp64: weights and "
+                   "arithmetic in float64, for exactness checks.")
+@click.option("--workers", default=2, help="DataLoader workers per process (and for preparing).")
+@click.option("--seed", default=0)
+@click.option("--log-every", default=10, help="Steps between metrics lines.")
+@click.option("--save-every", type=int, help="Steps between checkpoints. [default: 1000, DEMO 100]")
+@click.option("--cache-dir", default="cache", type=click.Path(file_okay=False),
+              help="Where feature stores of audio folders and the DEMO set are kept.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt if there is one.")
+def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, batch_size,
+         accum_steps, blr, betas, weight_decay, warmup_epochs, warmup_steps, device_kind,
+         precision, workers, seed, log_every, save_every, cache_dir, resume):
+    """Pretrain on the audio under DATA (folders, or a store from `data.py prepare`)."""
+    options = dict(locals())
+    demo = not data_paths
+    defaults = DEMO if demo else DEFAULTS
+    overrides = model_overrides(overrides or defaults["overrides"])
+    batch_size = batch_size or defaults["batch_size"]
+    max_steps = max_steps or defaults["max_steps"]
+    warmup_epochs = warmup_epochs if warmup_epochs is not None else defaults["warmup_epochs"]
+    save_every = save_every or defaults["save_every"]
+    out = Path(out or ("runs/demo" if demo else f"runs/{model_name}"))
+
+    device, rank, world = setup_device(device_kind)
+    master = rank == 0
+    logging.basicConfig(level=logging.INFO if master else logging.ERROR, format="%(message)s")
+    echo = click.echo if master else (lambda *args, **kwargs: None)
+    try:
+        # ------------------------------------------------------------------ data
+        if demo:
+            echo("DEMO: no DATA given, so training on the built-in set of SYNTHETIC sounds "
+                 "(tones, chirps, noise, clicks), not real audio.")
+        store = open_store(data_paths, Path(cache_dir), workers)
+        torch.manual_seed(seed)
+        checkpoint_path = out / CHECKPOINT
+        checkpoint = None
+        if checkpoint_path.exists():
+            if not resume:
+                raise click.ClickException(f"{checkpoint_path} exists: pass --resume to continue "
+                                           "that run, or choose another --out")
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        elif resume:
+            echo(f"--resume: no {checkpoint_path} yet, so starting a new run")
+        cfg = (mae.MAEConfig(**checkpoint["config"]) if checkpoint
+               else mae.preset_config(model_name, **overrides))
+        dataset = data.CropDataset(store, crop_frames=cfg.input_size[0], seed=seed)
+        loader = data.make_loader(dataset, batch_size, workers=workers, seed=seed,
+                                  pin_memory=device.type == "cuda")
+        steps_per_epoch = len(loader) // accum_steps
+        if steps_per_epoch == 0:
+            raise click.ClickException(f"{len(loader)} micro-batches per epoch do not fill one "
+                                       f"optimizer step of {accum_steps}")
+        global_batch = batch_size * accum_steps * world
+        total_steps = max_steps or epochs * steps_per_epoch
+        if warmup_steps is None:
+            warmup_steps = (round(warmup_epochs * steps_per_epoch) if warmup_epochs is not None
+                            else total_steps // 10)
+        if warmup_steps >= total_steps:
+            raise click.ClickException(f"the warm-up ({warmup_steps} steps) is not shorter than "
+                                       f"the run ({total_steps} steps): lower --warmup or "
+                                       "--warmup-steps")
+        peak_lr = blr * global_batch / 256
+
+        # ------------------------------------------------------------------ model, optimizer
+        model = mae.MAE(cfg)
+        step = saved_step = 0
+        if checkpoint:
+            expected = dict(clips=len(dataset), global_batch=global_batch, seed=seed,
+                            steps_per_epoch=steps_per_epoch)
+            changed = {key: f"{checkpoint['data'][key]} -> {value}" for key, value in
+                       expected.items() if checkpoint["data"][key] != value}
+            if changed:
+                raise click.ClickException(f"cannot resume {checkpoint_path} exactly, these "
+                                           f"changed: {changed}")
+            model.load_state_dict(checkpoint["model"])
+            step = saved_step = checkpoint["step"]
+            set_rng_states(checkpoint["rng"])
+            echo(f"resuming {checkpoint_path} at step {step} (model config from the checkpoint)")
+        if precision == "auto":
+            precision = "fp32" if device.type == "cpu" else "bf16"
+        dtype = torch.float64 if precision == "fp64" else torch.float32  # of weights and inputs
+        model.to(device, dtype)
+        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=peak_lr, betas=betas)
+        if checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the device
+        train_model = model
+        if world > 1:
+            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                              gradient_as_bucket_view=device.type == "xla")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+        # ------------------------------------------------------------------ outputs
+        if master:
+            out.mkdir(parents=True, exist_ok=True)
+            keep_metrics_until(out / "metrics.jsonl", step)
+        dataset.set_epoch(0)
+        example = dataset[0][None].to(device, dtype)  # the clip shown in every figure
+        example_noise = mask_noise(torch.tensor([0]), seed, 0, cfg.num_patches).to(device)
+        echo(f"{'model of the checkpoint' if checkpoint else model_name}: "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {device} "
+             f"x {world}, {precision}; {len(dataset)} clips, "
+             f"{steps_per_epoch} steps per epoch, global batch {global_batch}, peak lr "
+             f"{peak_lr:.3g}, {warmup_steps} warm-up steps, {total_steps} steps")
+
+        def save(reason: str) -> None:
+            checkpoint = dict(
+                config=cfg.to_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=dict(peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps),
+                step=step, rng=rng_states(), options=options,
+                data=dict(epoch=step // steps_per_epoch,
+                          micro_batch=step % steps_per_epoch * accum_steps, clips=len(dataset),
+                          global_batch=global_batch, seed=seed, steps_per_epoch=steps_per_epoch))
+            save_checkpoint(checkpoint_path, checkpoint)
+            save_reconstruction(model, example, example_noise, out / f"recon_step{step:07d}.png",
+                                f"{out.name}, step {step} ({reason})")
+
+        # ------------------------------------------------------------------ training loop
+        batches = micro_batches(loader, seed, step // steps_per_epoch,
+                                step % steps_per_epoch * accum_steps,
+                                steps_per_epoch * accum_steps, cfg.num_patches)
+        end = min(total_steps, stop_at or total_steps)
+        progress = tqdm(total=total_steps, initial=step, unit="step", disable=not master,
+                        dynamic_ncols=True)
+        loss_sum, logged_steps, log_time = torch.zeros((), device=device), 0, time.perf_counter()
+        with stop_requests() as signals, open(os.devnull if not master else
+                                              out / "metrics.jsonl", "a") as metrics:
+            while step < end:
+                lr = learning_rate(step, peak_lr, warmup_steps, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                for micro in range(accum_steps):
+                    crops, noise = next(batches)
+                    crops, noise = crops.to(device, dtype, non_blocking=True), noise.to(device)
+                    last = micro == accum_steps - 1
+                    with contextlib.nullcontext() if last or world == 1 else train_model.no_sync():
+                        with autocast:
+                            loss = train_model(crops, noise)[0] / accum_steps
+                        loss.backward()
+                    loss_sum += loss.detach()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "xla":
+                    import torch_xla
+                    torch_xla.sync()  # run the step's graph
+                step += 1
+                logged_steps += 1
+                progress.update()
+
+                stop = any_process(bool(signals), device)
+                checkpoint_due = step % save_every == 0 or step == end or stop
+                if step % log_every == 0 or checkpoint_due:
+                    mean_loss = mean_over_processes(loss_sum) / logged_steps
+                    if not math.isfinite(mean_loss):
+                        kept = (f"the last good checkpoint (step {saved_step}) stays in "
+                                f"{checkpoint_path}" if saved_step else "no checkpoint was written")
+                        raise click.ClickException(f"the loss is {mean_loss} at step {step}: "
+                                                   f"stopping; {kept}. Lower --blr or check the "
+                                                   "data.")
+                    seconds = time.perf_counter() - log_time
+                    record = dict(step=step, epoch=round(step / steps_per_epoch, 4),
+                                  loss=mean_loss, lr=lr,
+                                  samples_per_s=logged_steps * global_batch / seconds,
+                                  time=time.time())
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
+                                         samples_s=f"{record['samples_per_s']:.1f}")
+                    loss_sum.zero_()
+                    logged_steps, log_time = 0, time.perf_counter()
+                if checkpoint_due:
+                    if master:
+                        save("interrupted" if stop else "end" if step == end else "checkpoint")
+                    saved_step = step
+                if stop:
+                    progress.close()
+                    signum = signals[0] if signals else signal.SIGTERM
+                    echo(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
+                         f"{checkpoint_path}: continue with the same command and --resume")
+                    raise SystemExit(128 + signum)
+        progress.close()
+
+        if master and step == total_steps:
+            mae.save_pretrained(model, out / "model.safetensors")
+            echo(f"done: {step} steps. Final weights {out / 'model.safetensors'} "
+                 f"(mae.load_pretrained, embed.py), checkpoint {checkpoint_path}, metrics "
+                 f"{out / 'metrics.jsonl'}, reconstructions {out}/recon_step*.png")
+        elif master:
+            echo(f"stopped at step {step} of {total_steps} (--stop-at); checkpoint "
+                 f"{checkpoint_path}: continue with --resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
