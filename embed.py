@@ -41,8 +41,9 @@ Command line
     python embed.py MODEL AUDIO_DIR... --out OUT [--timestamps] [--batch-size 32]
                     [--device auto|cpu|cuda] [--layout time|official]
 writes OUT/embeddings.npy (float32 [files, D], scene embeddings), OUT/files.txt (one path per
-row), with --timestamps OUT/timestamps/<row>.npz (embeddings [T, D], timestamps [T] ms) and
-OUT/bad_files.tsv (path<TAB>reason for every file that could not be read; they are skipped).
+row), OUT/model.json (what made the embeddings), OUT/bad_files.tsv (path<TAB>reason for every
+file that could not be read; they are skipped) and, with --timestamps, OUT/timestamps/<row>.npz
+(embeddings [T, D], timestamps [T] ms).
 """
 from __future__ import annotations
 
@@ -349,7 +350,8 @@ def main(model_path, audio_dirs, out, timestamps, batch_size, device, layout, se
     save_npy(out / "embeddings.npy", embeddings.astype(np.float32))
     mae.atomic_write(out / "files.txt", lambda tmp: Path(tmp).write_text("".join(f"{p}\n" for p in good)))
     write_bad_files(out / "bad_files.tsv", bad)
-    (out / "model.json").write_text(json.dumps(model.describe(), indent=1) + "\n")
+    description = json.dumps(model.describe(), indent=1) + "\n"
+    mae.atomic_write(out / "model.json", lambda tmp: Path(tmp).write_text(description))
     click.echo(f"{len(good)} files embedded -> {out / 'embeddings.npy'} {embeddings.shape}; "
                f"{len(bad)} bad files skipped (listed in {out / 'bad_files.tsv'})")
 

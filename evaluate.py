@@ -1,0 +1,625 @@
+"""Downstream evaluation of frozen embeddings on HEAR tasks, as hear-eval-kit computes it.
+
+Commands
+--------
+    python evaluate.py MODEL TASK_DIR... [--seeds 10] [--out results/NAME]   (or: evaluate.py run ...)
+    python evaluate.py score RESULTS... [--out FILE]
+`run` embeds every task with embed.py (scene embeddings, cached in OUT/cache/<task>.npz with
+the model and task as key), trains the probes and writes OUT/results.json and
+OUT/results.md. `score` compares results.json files (or the folders holding them) with the
+normalised overall score s(m). A model literally named "run" or "score" needs `run` spelled out.
+
+Task folders (hear-preprocess layout)
+-------------------------------------
+task_metadata.json (task_name, embedding_type, prediction_type, split_mode, splits,
+evaluation: primary score first), labelvocabulary.csv (idx,label), <split>.json
+({file: [labels]}) and audio in <sample rate>/<split>/<file> (16000 preferred; any rate is
+resampled by data.load_audio). Scene tasks only: event tasks (timestamp embeddings) are not
+implemented and are refused with an error.
+
+Probe (hear-eval-kit's scene predictor, with the papers' fixed grid)
+--------------------------------------------------------------------
+Linear(D, 1024) -> BatchNorm1d -> Dropout -> ReLU -> Linear(1024, labels), xavier-uniform
+weights (gain 1, then the ReLU gain for the output layer), PyTorch's default biases.
+Adam, lr 1e-4, batches of 1024 (one full batch when the training set is no larger, shuffled
+minibatches otherwise), at most 500 epochs; the primary score is checked on the validation
+set every 3 epochs, training stops after 20 checks without a strict gain and the weights of
+the best check are tested. Multiclass: cross-entropy, scores on softmax outputs (top1_acc);
+multilabel: binary cross-entropy, scores on sigmoid outputs (mAP, macro).
+Splits: trainvaltest uses its splits; k-fold tasks use each sorted fold once as test, the
+next one as validation and the rest for training. As in hear-eval-kit, the dropout
+(0.1 or 0.25) is chosen on the first split's validation score and reused for the others.
+Each seed repeats the whole procedure; a seed's score is the mean over folds, and the report
+gives the mean over seeds with a 95% Student-t confidence interval.
+
+Where this departs from hear-eval-kit (which trains through PyTorch Lightning):
+- tensors stay on the device and batches are index slices (no DataLoader);
+- training batches are reshuffled every epoch (hear-eval-kit's loader keeps the file order
+  when it concatenates folds); a last minibatch of one example is merged into the previous
+  one, since BatchNorm cannot train on a single example;
+- embeddings are not standardised by default, as in hear-eval-kit (its `embedding_norm` is
+  Identity); --standardize scales them with the training split's mean and std.
+
+Overall score
+-------------
+s(m) = mean over tasks of (x_t(m) - min_t) / (max_t - min_t) * 100, x_t the mean primary
+score, min and max over the compared models; tasks where every model scores the same carry
+no information and are left out.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import embed
+import mae
+
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- tasks
+
+@dataclass
+class Task:
+    root: Path
+    metadata: dict
+    labels: list[str]  # label of each index
+    splits: dict[str, dict[str, list[str]]]  # split -> file -> labels
+
+    @property
+    def name(self) -> str:
+        return self.metadata["task_name"]
+
+    @property
+    def prediction_type(self) -> str:
+        return self.metadata["prediction_type"]
+
+    @property
+    def primary_score(self) -> str:
+        return self.metadata["evaluation"][0]
+
+    def items(self) -> list[tuple[str, str]]:
+        """(split, file) of every example, splits in metadata order, files sorted."""
+        return [(split, file) for split in self.metadata["splits"] for file in sorted(self.splits[split])]
+
+    def audio_path(self, split: str, file: str) -> Path:
+        return audio_root(self.root) / split / file
+
+    def targets(self, items: list[tuple[str, str]]) -> np.ndarray:
+        """Multi-hot (one-hot for multiclass) float32 targets (N, labels)."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        y = np.zeros((len(items), len(self.labels)), np.float32)
+        for row, (split, file) in enumerate(items):
+            labels = self.splits[split][file]
+            if self.prediction_type == "multiclass" and len(labels) != 1:
+                raise ValueError(f"{self.name}: {split}/{file} has {len(labels)} labels in a multiclass task")
+            for label in labels:
+                if str(label) not in index:
+                    raise ValueError(f"{self.name}: label {label!r} of {split}/{file} is not in labelvocabulary.csv")
+                y[row, index[str(label)]] = 1.0
+        return y
+
+
+def audio_root(task_dir: Path) -> Path:
+    """The <sample rate> folder of a task: 16000 if present, else the lowest rate above it,
+    else the highest one."""
+    rates = sorted(int(p.name) for p in task_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not rates:
+        raise ValueError(f"{task_dir}: no audio folder named by its sample rate (e.g. 16000/)")
+    above = [r for r in rates if r >= embed.SAMPLE_RATE]
+    return task_dir / str(above[0] if above else rates[-1])
+
+
+def load_task(task_dir: str | Path) -> Task:
+    """Read and check a HEAR task folder."""
+    root = Path(task_dir)
+    meta_path = root / "task_metadata.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{root}: not a HEAR task folder (no task_metadata.json)")
+    metadata = json.loads(meta_path.read_text())
+    if metadata.get("embedding_type") != "scene":
+        raise NotImplementedError(f"{root}: embedding_type {metadata.get('embedding_type')!r}: only scene tasks "
+                                  "are implemented (event tasks need timestamp embeddings and event scoring)")
+    if metadata.get("prediction_type") not in ("multiclass", "multilabel"):
+        raise ValueError(f"{root}: unknown prediction_type {metadata.get('prediction_type')!r}")
+    unknown = [s for s in metadata.get("evaluation", []) if s not in SCORES]
+    if not metadata.get("evaluation") or unknown:
+        raise ValueError(f"{root}: scores {unknown or '(none)'} not supported; known: {', '.join(SCORES)}")
+    with open(root / "labelvocabulary.csv", newline="") as f:
+        rows = sorted((int(row["idx"]), row["label"]) for row in csv.DictReader(f))
+    if [i for i, _ in rows] != list(range(len(rows))):
+        raise ValueError(f"{root}: labelvocabulary.csv indices are not 0..{len(rows) - 1}")
+    splits = {s: json.loads((root / f"{s}.json").read_text()) for s in metadata["splits"]}
+    data_splits(metadata)  # refuse an unknown split mode early
+    return Task(root, metadata, [label for _, label in rows], splits)
+
+
+def data_splits(metadata: dict) -> list[dict[str, list[str]]]:
+    """hear-eval-kit's splits: trainvaltest as given; k folds (sorted): fold i is the test
+    set, fold i + 1 (cyclically) the validation set, the others the training set."""
+    mode = metadata["split_mode"]
+    if mode == "trainvaltest":
+        return [{"train": ["train"], "valid": ["valid"], "test": ["test"]}]
+    if mode in ("new_split_kfold", "presplit_kfold"):
+        folds = sorted(metadata["splits"])
+        if len(folds) < 3:
+            raise ValueError(f"{mode} needs at least 3 folds, got {folds}")
+        return [{"train": [f for f in folds if f not in (test, valid)], "valid": [valid], "test": [test]}
+                for test, valid in zip(folds, folds[1:] + folds[:1])]
+    raise ValueError(f"unknown split_mode {mode!r}")
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def task_embeddings(task: Task, model: embed.Embedder, cache: Path | None,
+                    memo: dict[str, np.ndarray]) -> tuple[np.ndarray, list[tuple[str, str]], dict[str, str]]:
+    """Scene embeddings of every readable example of a task: (N, D) float32, the items
+    (split, file) of the rows, and {path: reason} of the unreadable files (left out).
+
+    cache: an .npz reused when its key (model + task folder) matches, else (re)written.
+    memo: digest of the file bytes -> embedding, shared across tasks so that identical
+    audio (e.g. the two mridangam tasks) is embedded once.
+    """
+    key = json.dumps({"version": CACHE_VERSION, "model": model.describe(),
+                      "task": str(task.root.resolve())}, sort_keys=True)
+    if cache is not None and cache.is_file():
+        with np.load(cache) as stored:
+            if str(stored["key"]) == key:
+                items = [tuple(item.split("/", 1)) for item in stored["items"]]
+                return stored["embeddings"], items, json.loads(str(stored["bad"]))
+    items = task.items()
+    paths = {item: task.audio_path(*item) for item in items}
+    digests = {item: file_digest(path) if path.is_file() else "" for item, path in paths.items()}
+    todo = {}  # digest -> path, first file of each new sound
+    for item in items:
+        if digests[item] and digests[item] not in memo:
+            todo.setdefault(digests[item], str(paths[item]))
+    good, bad_paths = [], {}
+    clips = embed.read_clips(tqdm(todo.values(), desc=f"embed {task.name}", unit="file"), good, bad_paths)
+    by_path = {path: digest for digest, path in todo.items()}
+    for index, embedding in embed.scene_embeddings(clips, model):
+        memo[by_path[good[index]]] = embedding.float().cpu().numpy()
+    kept = [item for item in items if digests[item] in memo]
+    bad = {str(paths[item]): ("missing file" if not digests[item] else
+                              bad_paths.get(str(paths[item]), "same bytes as an unreadable file"))
+           for item in items if digests[item] not in memo}
+    embeddings = np.stack([memo[digests[item]] for item in kept]).astype(np.float32)
+    if cache is not None:
+        embed.save_npz(cache, key=np.array(key), embeddings=embeddings,
+                       items=np.array([f"{s}/{f}" for s, f in kept]), bad=np.array(json.dumps(bad)))
+    return embeddings, kept, bad
+
+
+# ----------------------------------------------------------------------------- scores
+
+def top1_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(1) == targets.argmax(1)))
+
+
+def chroma_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Pitch accuracy ignoring the octave (classes are semitones)."""
+    return float(np.mean(probs.argmax(1) % 12 == targets.argmax(1) % 12))
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds, highest first
+    (sklearn's average_precision_score); 0 for a class without positives."""
+    order = np.argsort(-scores, kind="mergesort")
+    scores, positive = scores[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each threshold
+    true_pos = np.cumsum(positive)[last]
+    if true_pos[-1] == 0:
+        return 0.0
+    precision, recall = true_pos / (last + 1), true_pos / true_pos[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def mean_average_precision(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Macro mAP: every class counts the same."""
+    return float(np.mean([average_precision(probs[:, c], targets[:, c]) for c in range(targets.shape[1])]))
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties
+    counting half (the Mann-Whitney statistic with average ranks)."""
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores))
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(scores)]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2  # average 1-based rank of a tie group
+    n_pos = positive.sum()
+    n_neg = len(scores) - n_pos
+    return float((ranks[positive > 0].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _class_aucs(probs: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
+    """Per-class AUCs, or None when a class lacks positives or negatives (hear-eval-kit
+    scores such a split as NaN)."""
+    counts = targets.sum(0)
+    if np.any(counts == 0) or np.any(counts == len(targets)):
+        return None
+    return np.array([roc_auc(probs[:, c], targets[:, c]) for c in range(targets.shape[1])])
+
+
+def aucroc(probs: np.ndarray, targets: np.ndarray) -> float:
+    aucs = _class_aucs(probs, targets)
+    return math.nan if aucs is None else float(aucs.mean())
+
+
+def d_prime(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over classes of sqrt(2) * Phi^-1(AUC)."""
+    aucs = _class_aucs(probs, targets)
+    if aucs is None:
+        return math.nan
+    normal = statistics.NormalDist()
+    z = [math.copysign(math.inf, a - 0.5) if a in (0.0, 1.0) else normal.inv_cdf(a) for a in aucs]
+    return float(np.mean(z) * math.sqrt(2.0))
+
+
+SCORES = {  # hear-eval-kit's scene scores; all are maximised
+    "top1_acc": top1_accuracy,
+    "pitch_acc": top1_accuracy,
+    "chroma_acc": chroma_accuracy,
+    "mAP": mean_average_precision,
+    "d_prime": d_prime,
+    "aucroc": aucroc,
+}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def student_t_two_sided(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer df (Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...)), df - 3 powers
+        term, series = 1.0, 1.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            series += term
+        tail = math.sin(theta) * math.cos(theta) * series if df > 1 else 0.0
+        return 2 / math.pi * (theta + tail)
+    term, series = 1.0, 1.0  # even: sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...), df - 2 powers
+    for k in range(1, df // 2):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        series += term
+    return math.sin(theta) * series
+
+
+def t_quantile(level: float, df: int) -> float:
+    """t such that P(|T| < t) = level (e.g. 12.706 for level 0.95, df 1), by bisection."""
+    low, high = 0.0, 1e6
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if student_t_two_sided(mid, df) < level else (low, mid)
+    return (low + high) / 2
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of its Student-t confidence interval (NaN for a single value)."""
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return mean, math.nan
+    return mean, t_quantile(level, n - 1) * float(np.std(values, ddof=1)) / math.sqrt(n)
+
+
+def overall_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """s(m) = mean over tasks of (x_t(m) - min_t) / (max_t - min_t) * 100.
+
+    scores: model -> task -> score; only tasks every model has count, and tasks where all
+    models tie are left out (no information). NaN when no task is left."""
+    tasks = set.intersection(*(set(s) for s in scores.values())) if scores else set()
+    spread = {}
+    for task in tasks:
+        values = [s[task] for s in scores.values()]
+        if max(values) > min(values):
+            spread[task] = (min(values), max(values))
+    return {model: float(np.mean([(s[t] - lo) / (hi - lo) * 100 for t, (lo, hi) in spread.items()]))
+            if spread else math.nan for model, s in scores.items()}
+
+
+# ----------------------------------------------------------------------------- probe
+
+@dataclass
+class ProbeConfig:
+    hidden: int = 1024
+    lr: float = 1e-4
+    batch_size: int = 1024
+    max_epochs: int = 500
+    check_every: int = 3  # epochs between validation checks
+    patience: int = 20  # checks without a gain before stopping
+    dropouts: tuple[float, ...] = (0.1, 0.25)
+    standardize: bool = False
+
+
+def make_probe(in_dim: int, n_labels: int, dropout: float, hidden: int = 1024) -> nn.Sequential:
+    """hear-eval-kit's one-hidden-layer predictor with xavier-uniform weights."""
+    first, last = nn.Linear(in_dim, hidden), nn.Linear(hidden, n_labels)
+    nn.init.xavier_uniform_(first.weight, gain=nn.init.calculate_gain("linear"))
+    nn.init.xavier_uniform_(last.weight, gain=nn.init.calculate_gain("relu"))
+    return nn.Sequential(first, nn.BatchNorm1d(hidden), nn.Dropout(dropout), nn.ReLU(), last)
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # (N, D) on the device
+    y: torch.Tensor  # (N, labels) multi-hot float
+
+
+@dataclass
+class TrainedProbe:
+    probe: nn.Module  # holding the weights of the best check
+    valid_score: float
+    epoch: int  # epoch of the best check
+
+
+def minibatches(n: int, batch_size: int, device: torch.device) -> list[torch.Tensor | slice]:
+    """One epoch: the whole set when it fits in a batch, else shuffled index batches (a last
+    batch of a single example is merged into the one before: BatchNorm needs two)."""
+    if n <= batch_size:
+        return [slice(None)]
+    parts = list(torch.randperm(n, device=device).split(batch_size))
+    if len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
+
+
+@torch.no_grad()
+def predict(probe: nn.Module, x: torch.Tensor, prediction_type: str) -> np.ndarray:
+    """Class probabilities (softmax or sigmoid) of the probe in eval mode."""
+    probe.eval()
+    logits = probe(x)
+    probs = logits.softmax(-1) if prediction_type == "multiclass" else logits.sigmoid()
+    return probs.float().cpu().numpy()
+
+
+def train_probe(train: Split, valid: Split, prediction_type: str, score: str, dropout: float,
+                seed: int, cfg: ProbeConfig) -> TrainedProbe:
+    """Train one probe with early stopping on the validation `score`; keeps the best check."""
+    torch.manual_seed(seed)
+    probe = make_probe(train.x.shape[1], train.y.shape[1], dropout, cfg.hidden).to(train.x.device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=cfg.lr, fused=True)
+    labels = train.y.argmax(1)
+    y_valid = valid.y.cpu().numpy()
+    best, best_state, best_epoch, bad_checks = -math.inf, None, 0, 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        probe.train()
+        for idx in minibatches(len(train.x), cfg.batch_size, train.x.device):
+            logits = probe(train.x[idx])
+            if prediction_type == "multiclass":
+                loss = F.cross_entropy(logits, labels[idx])
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, train.y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if epoch % cfg.check_every:
+            continue
+        value = SCORES[score](predict(probe, valid.x, prediction_type), y_valid)
+        if value > best:
+            best, best_epoch, bad_checks = value, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in probe.state_dict().items()}
+        else:
+            bad_checks += 1
+            if bad_checks >= cfg.patience:
+                break
+    if best_state is None:
+        raise ValueError(f"no validation check ran: max_epochs {cfg.max_epochs} < check_every {cfg.check_every}")
+    probe.load_state_dict(best_state)
+    return TrainedProbe(probe, best, best_epoch)
+
+
+def evaluate_task(task: Task, embeddings: np.ndarray, items: list[tuple[str, str]], seed: int,
+                  cfg: ProbeConfig, device: str | torch.device = "cpu") -> dict:
+    """One seed of hear-eval-kit's procedure on a task: dropout chosen on the first split,
+    one probe per split, test scores per split and their mean over folds."""
+    x_all = torch.from_numpy(embeddings).to(device)
+    y_all = torch.from_numpy(task.targets(items)).to(device)
+    split_of = np.array([split for split, _ in items])
+
+    def subset(names: list[str], stats: tuple[torch.Tensor, torch.Tensor] | None) -> Split:
+        idx = torch.from_numpy(np.flatnonzero(np.isin(split_of, names))).to(device)
+        if len(idx) == 0:
+            raise ValueError(f"{task.name}: no examples in split(s) {names}")
+        x = x_all[idx] if stats is None else (x_all[idx] - stats[0]) / stats[1]
+        return Split(x, y_all[idx])
+
+    def prepare(split: dict) -> tuple[Split, Split, Split]:
+        train = subset(split["train"], None)
+        stats = (train.x.mean(0), train.x.std(0) + 1e-8) if cfg.standardize else None
+        if stats is not None:
+            train = Split((train.x - stats[0]) / stats[1], train.y)
+        return train, subset(split["valid"], stats), subset(split["test"], stats)
+
+    splits = data_splits(task.metadata)
+    folds, dropout = [], None
+    for i, split in enumerate(splits):
+        train, valid, test = prepare(split)
+        choices = list(enumerate(cfg.dropouts)) if dropout is None else [(cfg.dropouts.index(dropout), dropout)]
+        trained = [(train_probe(train, valid, task.prediction_type, task.primary_score, p,
+                                seed * 1000 + i * 10 + j, cfg), p) for j, p in choices]
+        best, dropout = max(trained, key=lambda tp: tp[0].valid_score)  # first one on ties
+        probs = predict(best.probe, test.x, task.prediction_type)
+        y_test = test.y.cpu().numpy()
+        folds.append({"test": split["test"], "valid_score": best.valid_score, "epoch": best.epoch,
+                      "scores": {name: SCORES[name](probs, y_test) for name in task.metadata["evaluation"]}})
+    return {"seed": seed, "dropout": dropout, "folds": folds,
+            "scores": {name: float(np.mean([f["scores"][name] for f in folds]))
+                       for name in task.metadata["evaluation"]}}
+
+
+def summarize(runs: list[dict], score_names: list[str]) -> dict:
+    """Per score: mean over seeds, 95% CI half-width, std and the per-seed values."""
+    summary = {}
+    for name in score_names:
+        values = [run["scores"][name] for run in runs]
+        mean, ci = mean_ci(values)
+        summary[name] = {"mean": mean, "ci95": ci, "std": float(np.std(values, ddof=1)) if len(values) > 1
+                         else math.nan, "per_seed": values}
+    return summary
+
+
+# ----------------------------------------------------------------------------- reports
+
+def percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def results_markdown(results: dict) -> str:
+    lines = [f"Model: {results['model_arg']} ({results['model']['source']}, layout {results['model']['layout']}); "
+             f"{len(results['seeds'])} seeds; scores in %, mean ± 95% CI over seeds.", "",
+             "| task | score | mean ± 95% CI | dropout per seed | embedding s | probe s |",
+             "|---|---|---|---|---|---|"]
+    for name, task in results["tasks"].items():
+        s = task["scores"][task["primary"]]
+        ci = "" if math.isnan(s["ci95"]) else f" ± {percent(s['ci95'])}"
+        dropouts = ", ".join(str(run["dropout"]) for run in task["runs"])
+        lines.append(f"| {name} | {task['primary']} | {percent(s['mean'])}{ci} | {dropouts} | "
+                     f"{task['embedding_s']:.0f} | {task['probe_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def score_markdown(table: dict[str, dict[str, float]], overall: dict[str, float]) -> str:
+    tasks = sorted(set.intersection(*(set(s) for s in table.values())))
+    lines = ["| model | " + " | ".join(tasks) + " | s(m) |", "|---" * (len(tasks) + 2) + "|"]
+    for model, scores in table.items():
+        s = overall[model]
+        cells = [percent(scores[t]) for t in tasks] + ["n/a" if math.isnan(s) else f"{s:.1f}"]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, value) -> None:
+    text = json.dumps(value, indent=1, allow_nan=True) + "\n"
+    mae.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_text(path: Path, text: str) -> None:
+    mae.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ----------------------------------------------------------------------------- command line
+
+class DefaultGroup(click.Group):
+    """A click group whose first word may be left out: `evaluate.py MODEL TASKS...` means
+    `evaluate.py run MODEL TASKS...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup)
+def cli():
+    """HEAR downstream evaluation: `run` (the default) and `score`."""
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL")
+@click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: results/<model name>].")
+@click.option("--seeds", default=10, show_default=True, help="Probe seeds 0..N-1.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", default=32, show_default=True, help="2-s chunks per encoder forward pass.")
+@click.option("--layout", type=click.Choice(embed.LAYOUTS), default="time", show_default=True)
+@click.option("--seed", "model_seed", default=0, show_default=True, help="Seed of a preset's random init.")
+@click.option("--max-epochs", default=500, show_default=True, help="Probe epoch limit (500 as HEAR).")
+@click.option("--standardize/--no-standardize", default=False, show_default=True,
+              help="Scale embeddings with training-split statistics (hear-eval-kit does not).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
+def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_seed, max_epochs,
+        standardize, threads):
+    """Evaluate MODEL (a checkpoint or a preset name) on the HEAR task folders TASK_DIR...."""
+    if threads:
+        torch.set_num_threads(threads)
+    for path in task_dirs:
+        if not Path(path).is_dir():
+            click.echo(f"skipping {path}: not a folder", err=True)
+    try:
+        tasks = [load_task(d) for d in task_dirs if Path(d).is_dir()]
+    except (ValueError, NotImplementedError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    if not tasks:
+        raise click.ClickException("no task folders given")
+    out = Path(out or Path("results") / Path(model_path).stem)
+    device = embed.pick_device(device)
+    model = embed.load_model(model_path, layout=layout, seed=model_seed, batch_size=batch_size).to(device)
+    cfg = ProbeConfig(max_epochs=max_epochs, standardize=standardize)
+    results = {"model_arg": model_path, "model": model.describe(), "probe": dataclasses.asdict(cfg),
+               "seeds": list(range(seeds)), "tasks": {}}
+    memo: dict[str, np.ndarray] = {}
+    for task in tasks:
+        start = time.perf_counter()
+        embeddings, items, bad = task_embeddings(task, model, out / "cache" / f"{task.name}.npz", memo)
+        embedded = time.perf_counter()
+        runs = [evaluate_task(task, embeddings, items, seed, cfg, device)
+                for seed in tqdm(range(seeds), desc=f"probe {task.name}", unit="seed")]
+        results["tasks"][task.name] = {
+            "task_dir": str(task.root), "primary": task.primary_score, "examples": len(items),
+            "bad_files": bad, "scores": summarize(runs, task.metadata["evaluation"]), "runs": runs,
+            "embedding_s": embedded - start, "probe_s": time.perf_counter() - embedded}
+        primary = results["tasks"][task.name]["scores"][task.primary_score]
+        click.echo(f"{task.name}: {task.primary_score} {percent(primary['mean'])} ± {percent(primary['ci95'])} "
+                   f"({len(items)} examples, {len(bad)} unreadable; embedding {embedded - start:.0f} s, "
+                   f"probes {time.perf_counter() - embedded:.0f} s)")
+        write_json(out / "results.json", results)
+        write_text(out / "results.md", results_markdown(results))
+    click.echo(results_markdown(results))
+    click.echo(f"written: {out / 'results.json'}, {out / 'results.md'}")
+
+
+def read_results(path: str) -> tuple[str, dict]:
+    """(model name = the results folder's name, results) from results.json or its folder."""
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise click.ClickException(f"{path}: no results.json")
+    return file.parent.name, json.loads(file.read_text())
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the table here.")
+def score(results, out):
+    """Compare RESULTS (results.json files or their folders) with the overall score s(m)."""
+    table = {}
+    for path in results:
+        name, result = read_results(path)
+        if name in table:
+            raise click.ClickException(f"two results are named {name!r}: give results from distinct folders")
+        table[name] = {task: r["scores"][r["primary"]]["mean"] for task, r in result["tasks"].items()}
+    common = set.intersection(*(set(s) for s in table.values()))
+    for name, scores in table.items():
+        if set(scores) - common:
+            click.echo(f"{name}: tasks not in every result, left out: {', '.join(sorted(set(scores) - common))}", err=True)
+    text = score_markdown(table, overall_scores(table))
+    click.echo(text)
+    if out:
+        write_text(Path(out), text)
+
+
+if __name__ == "__main__":
+    cli()
