@@ -4,6 +4,7 @@ Run by .ci/xla.sh in its own venv (torch==2.9.0, torch_xla==2.9.0) with PJRT_DEV
 Checks, failing with exit status 1:
 - fp32 losses of every step on XLA equal the eager CPU ones within 1e-4, and so do the
   final weights;
+- an XLA run stopped after 2 steps and resumed ends with the same weights as a straight one;
 - a second XLA run with another schedule compiles no new graph (the learning rate is not
   baked into the graph and every shape is fixed);
 - a bf16 (autocast) XLA run trains to finite losses close to fp32.
@@ -28,10 +29,10 @@ TINY = ["--set", "depth=1", "--set", "decoder_depth=1", "--set", "decoder_dim=64
 TOLERANCE = 1e-4
 
 
-def run(store: Path, out: Path, device: str, precision: str, steps: int) -> list[float]:
+def run(store: Path, out: Path, device: str, precision: str, steps: int, *more: str) -> list[float]:
     """Train `steps` steps; the loss of every step from metrics.jsonl."""
     train.main.main([str(store), "--out", str(out), "--device", device, "--precision", precision,
-                     "--max-steps", str(steps), *TINY], standalone_mode=False)
+                     "--max-steps", str(steps), *TINY, *more], standalone_mode=False)
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -64,10 +65,19 @@ def main() -> int:
         if not weight_gap <= TOLERANCE:
             failures.append(f"XLA weights differ from eager CPU by {weight_gap:.2e}")
 
+        run(store, tmp / "xla-split", "xla", "fp32", 4, "--stop-at", "2")
+        run(store, tmp / "xla-split", "xla", "fp32", 4, "--resume")
+        resume_gap = max_weight_difference(tmp / "xla/model.safetensors",
+                                           tmp / "xla-split/model.safetensors")
+        print(f"XLA straight vs stopped and resumed: weight difference {resume_gap:.2e}")
+        if resume_gap != 0.0:
+            failures.append(f"a resumed XLA run differs from a straight one by {resume_gap:.2e}")
+
         before = compiles()
         run(store, tmp / "xla-again", "xla", "fp32", steps=6)
         new_graphs = compiles() - before
-        print(f"graphs compiled: {before} in the first XLA run, {new_graphs} in a second one")
+        print(f"graphs compiled: {before} by the XLA runs above, {new_graphs} by one with "
+              "another schedule")
         if new_graphs:
             failures.append(f"a second XLA run with another schedule compiled {new_graphs} graphs")
 
