@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import Attention, MultiWindowAttention, window_sizes
+from attention import Attention, MultiWindowAttention, set_backend, window_sizes
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +100,29 @@ def test_rope_is_relative():
     pos = torch.arange(50).expand(2, -1)
     assert (attn(x, pos) - attn(x, pos + 7)).abs().max() <= 1e-10
     assert (attn(x, pos) - attn(x, pos.flip(1))).abs().max() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("windows, n, rel_pos_bias", [
+    ([2, 5, 10, 25, 50, 125, 250, 250], 250, True),   # the paper's decoder
+    ([2, 5, 10, 25, 50, 125, 250, 250], 250, False),
+    ([2, 5, 10, 25, 50, 125, 250, 250], 50, True),    # the encoder's visible tokens: windows clipped
+    ([250, 2, 10, 2, 250, 5], 250, True),             # heads of a size not adjacent
+])
+def test_flex_backend_equals_reshape(windows, n, rel_pos_bias):
+    """The FlexAttention backend (one call, block-diagonal mask, bias as score_mod) against
+    the reshape backend. On CPU torch runs flex unfused and for inference only."""
+    attn = MultiWindowAttention(4 * len(windows), windows, 250, rel_pos_bias=rel_pos_bias)
+    randomise(attn)
+    x = torch.randn(2, n, 4 * len(windows))
+    with torch.no_grad():
+        reshaped = attn(x)
+        set_backend(attn, "flex")
+        flexed = attn(x)
+    assert attn.backend == "flex" and attn.block_masks  # the flex path really ran
+    assert (flexed - reshaped).abs().max() <= 1e-10
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        MultiWindowAttention(16, [2, 8], 8, backend="fast")
