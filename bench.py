@@ -1,0 +1,528 @@
+"""Speed benchmarks: attention, the pretraining step, embeddings and the data pipeline.
+
+    python bench.py                           # full run (about 10 minutes on a 2-core CPU)
+    python bench.py --quick                   # about a minute: smaller batches and clips
+    python bench.py --device cuda             # the same on a GPU, plus FlexAttention MW-MHA
+    python bench.py --json results/bench.json # also write every measurement as JSON
+
+What is measured, all in one run:
+1. attention: one decoder block (batch 64, 250 tokens, dim 384, 8 heads), forward + backward:
+   standard MHA (SDPA), our MW-MHA (the "reshape" backend, plus "flex" on CUDA) and the
+   official approach, every head on its own in a Python loop (`PerHeadLoopAttention`).
+2. pretraining step (forward, backward, AdamW as train.py sets it up) of mae-tiny and
+   mwmae-tiny at batch 32: ms/step, samples/s, and the model's FLOP rate as a fraction of the
+   GEMM rate of its own matrix products (every mm/addmm of one step, recorded and replayed).
+3. embeddings: real-time factor of embed.get_scene_embeddings (tiny and base) on a 60-s clip;
+   peak memory of a one-hour clip (tiny), in a fresh process.
+4. data: log-mel frontend real-time factor; feature-store crops/s against training samples/s.
+
+Timing: candidates that are compared run interleaved (A, B, C, A, B, C, ...) after warm-up
+and each figure is the median of the repeats, so a load change on a shared machine hits all
+of them alike; ratios are taken between medians of the same run. The spread (min and max
+of the repeats) is in the JSON. Nothing here is a unit test: see tests/test_bench.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import click
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import data
+import embed
+import mae
+import train
+from attention import Attention, MultiWindowAttention, set_backend, window_sizes
+
+aten = torch.ops.aten
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of one benchmark run (FULL is the issue's setting, QUICK the one-minute one)."""
+
+    attn_batch: int = 64
+    tokens: int = 250
+    dim: int = 384
+    heads: int = 8
+    train_models: tuple[str, ...] = ("mae-tiny", "mwmae-tiny")
+    train_batch: int = 32
+    model_overrides: dict = field(default_factory=dict)  # e.g. smaller models for the tests
+    embed_models: tuple[str, ...] = ("mwmae-tiny", "mwmae-base")
+    embed_seconds: float = 60.0
+    long_model: str = "mwmae-tiny"
+    long_seconds: float = 3600.0
+    frontend_seconds: float = 60.0
+    store_clips: int = 64
+    store_batches: int = 20
+    repeats: int = 5
+    warmup: int = 1
+    sections: tuple[str, ...] = ("attention", "train", "embed", "data")
+
+
+FULL = BenchConfig()
+QUICK = BenchConfig(attn_batch=8, train_batch=4, embed_seconds=4.0, long_seconds=120.0,
+                    frontend_seconds=20.0, store_clips=32, store_batches=10, repeats=3)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of every candidate, `repeats` times each, run in turn (A, B, A, B, ...)
+    after `warmup` untimed rounds."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(seconds: list[float]) -> dict:
+    """Median and spread of repeated timings, in seconds."""
+    return dict(median=statistics.median(seconds), min=min(seconds), max=max(seconds), runs=seconds)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+# ----------------------------------------------------------------------------- 1. attention
+
+class PerHeadLoopAttention(nn.Module):
+    """The official release's way to compute MW-MHA, as a baseline: one qkv projection, then
+    every head on its own in a Python loop (windows by reshaping that head's q, k, v, bias
+    added to the explicit scores), heads stacked, then W_O. Shares `mw`'s parameters."""
+
+    def __init__(self, mw: MultiWindowAttention):
+        super().__init__()
+        self.mw = mw
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        mw, (B, n, _) = self.mw, x.shape
+        H, d = mw.num_heads, mw.head_dim
+        q, k, v = mw.qkv(x).reshape(B, n, 3, H, d).permute(2, 3, 0, 1, 4)  # each (H, B, n, d)
+        heads = []
+        for h, w in enumerate(mw.windows):
+            span = min(w, n)
+            qh, kh, vh = (t[h].reshape(B, n // span, span, d) for t in (q, k, v))  # (B, n/w, w, d)
+            scores = qh @ kh.transpose(-1, -2) * d ** -0.5
+            if str(h) in mw.rel_pos:
+                i = torch.arange(span, device=x.device)
+                scores = scores + mw.rel_pos[str(h)][i[:, None] - i[None, :] + w - 1]
+            heads.append((scores.softmax(-1) @ vh).reshape(B, n, d))
+        return mw.proj(torch.stack(heads, dim=2).reshape(B, n, H * d))
+
+
+def attention_variants(cfg: BenchConfig, device: torch.device) -> dict[str, nn.Module]:
+    """The attention layers compared, MW variants with identical weights."""
+    windows = window_sizes(cfg.tokens)
+    if len(windows) != cfg.heads:
+        raise ValueError(f"{cfg.tokens} tokens give {len(windows)} window heads, not {cfg.heads}")
+    mw = MultiWindowAttention(cfg.dim, windows, cfg.tokens, backend="reshape")
+    variants = {"MHA (SDPA)": Attention(cfg.dim, cfg.heads), "MW-MHA reshape": mw}
+    if device.type == "cuda":
+        flex = MultiWindowAttention(cfg.dim, windows, cfg.tokens, backend="flex")
+        flex.load_state_dict(mw.state_dict())
+        variants["MW-MHA flex"] = flex
+    loop_mw = MultiWindowAttention(cfg.dim, windows, cfg.tokens)
+    loop_mw.load_state_dict(mw.state_dict())
+    variants["MW-MHA per-head loop"] = PerHeadLoopAttention(loop_mw)
+    return {name: module.to(device) for name, module in variants.items()}
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run():
+        module(x).sum().backward()
+    return run
+
+
+def bench_attention(cfg: BenchConfig, device: torch.device) -> dict:
+    """Forward + backward of the attention layer alone and of a whole ViT decoder block."""
+    torch.manual_seed(0)
+    variants = attention_variants(cfg, device)
+    x = torch.randn(cfg.attn_batch, cfg.tokens, cfg.dim, device=device, requires_grad=True)
+    with torch.no_grad():  # the baselines compute the same function as our MW-MHA
+        reference = variants["MW-MHA reshape"](x)
+        agreement = {name: float((module(x) - reference).abs().max())
+                     for name, module in variants.items() if name.startswith("MW")}
+    blocks = {name: mae.ViTBlock(cfg.dim, module, 4.0).to(device) for name, module in variants.items()}
+    timings = time_interleaved(
+        {**{f"layer/{name}": forward_backward(m, x) for name, m in variants.items()},
+         **{f"block/{name}": forward_backward(b, x) for name, b in blocks.items()}},
+        cfg.repeats, cfg.warmup, device)
+    rows = {}
+    for name in variants:
+        layer, block = summary(timings[f"layer/{name}"]), summary(timings[f"block/{name}"])
+        rows[name] = dict(layer=layer, block=block)
+    mha = rows["MHA (SDPA)"]
+    for row in rows.values():
+        row["layer_vs_mha"] = row["layer"]["median"] / mha["layer"]["median"]
+        row["block_vs_mha"] = row["block"]["median"] / mha["block"]["median"]
+    fused = [name for name in rows if name in ("MW-MHA reshape", "MW-MHA flex")]
+    fastest = min(fused, key=lambda name: rows[name]["block"]["median"])
+    return dict(shape=dict(batch=cfg.attn_batch, tokens=cfg.tokens, dim=cfg.dim, heads=cfg.heads,
+                           windows=window_sizes(cfg.tokens)),
+                rows=rows, max_abs_diff_vs_reshape=agreement, fastest_mw_backend=fastest)
+
+
+# ----------------------------------------------------------------------------- 2. training
+
+class GemmRecorder(TorchDispatchMode):
+    """Records every mm / addmm (shapes, strides, dtype) that runs inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (aten.mm.default, aten.addmm.default):
+            self.calls.append((func, [(a.shape, a.stride(), a.dtype) for a in args], kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def gemm_replay(calls: list, device: torch.device) -> tuple[Callable[[], None], int]:
+    """A function that runs the recorded matrix products again on random matrices of the same
+    shapes and memory layouts, and the FLOPs it does (2 m k n per product)."""
+    def random_like(shape, stride, dtype):  # strides may be 0 (expanded gradients)
+        size = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+        return torch.randn(size, dtype=dtype, device=device).as_strided(shape, stride)
+
+    operands = [(func, [random_like(*spec) for spec in specs], kwargs) for func, specs, kwargs in calls]
+    flops = 0
+    for func, tensors, _ in operands:
+        a, b = tensors[-2:]
+        flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+    def replay():
+        for func, tensors, kwargs in operands:
+            func(*tensors, **kwargs)
+    return replay, flops
+
+
+def sdpa_forward_flops(query, key, value, *args, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)  # q k^T and p v
+
+
+def sdpa_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    return 2 * sdpa_flop_count(query, key, value)  # model FLOPs: a kernel's recompute not counted
+
+
+# torch's FlopCounterMode does not know SDPA's fused CPU kernel, and counts the recomputed
+# scores in the CUDA kernels' backward. Here every attention backward is twice its forward, as
+# for every other product, so fused kernels and the explicit matmuls of windowed heads count alike.
+ATTENTION_FLOPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: sdpa_forward_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flops,
+    aten._scaled_dot_product_flash_attention_backward: sdpa_backward_flops,
+    aten._scaled_dot_product_efficient_attention_backward: sdpa_backward_flops,
+    aten._scaled_dot_product_cudnn_attention_backward: sdpa_backward_flops,
+}
+
+
+def training_step(model: mae.MAE, batch: torch.Tensor) -> Callable[[], None]:
+    """Forward, backward and AdamW step, set up as train.py does (fp32 on CPU, bf16 autocast
+    on CUDA, no weight decay on biases, norms, tokens and position tables)."""
+    optimizer = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=batch.is_cuda)
+
+    def step():
+        with autocast:
+            loss, _, _ = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def bench_training(cfg: BenchConfig, device: torch.device) -> dict:
+    """ms/step and FLOP rate of each model, with the GEMM rate of its own matrix products."""
+    torch.manual_seed(0)
+    batch = torch.randn(cfg.train_batch, 200, 80, device=device)
+    models = {name: mae.build(name, **cfg.model_overrides).to(device) for name in cfg.train_models}
+    if device.type == "cuda":  # the fused FlexAttention decoder next to the reshape one
+        for name in [n for n in models if models[n].cfg.decoder_multiwindow]:
+            models[f"{name} (flex)"] = mae.build(name, **cfg.model_overrides).to(device)
+            set_backend(models[f"{name} (flex)"], "flex")
+    steps = {name: training_step(model, batch) for name, model in models.items()}
+    flops, replays = {}, {}
+    for name, step in steps.items():
+        step()  # the first step allocates the optimizer state
+        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+            with GemmRecorder() as recorder:
+                step()
+        flops[name] = counter.get_total_flops()
+        replays[name] = gemm_replay(recorder.calls, device)
+    candidates = {**{f"step/{n}": s for n, s in steps.items()},
+                  **{f"gemm/{n}": replay for n, (replay, _) in replays.items()}}
+    timings = time_interleaved(candidates, cfg.repeats, cfg.warmup, device)
+    rows = {}
+    for name in models:
+        step_time = summary(timings[f"step/{name}"])
+        gemm_time = summary(timings[f"gemm/{name}"])
+        gemm_flops = replays[name][1]
+        model_rate = flops[name] / step_time["median"]
+        gemm_rate = gemm_flops / gemm_time["median"]
+        rows[name] = dict(step=step_time, ms_per_step=1e3 * step_time["median"],
+                          samples_per_s=cfg.train_batch / step_time["median"],
+                          gflop_per_step=flops[name] / 1e9, model_gflop_per_s=model_rate / 1e9,
+                          gemm_gflop=gemm_flops / 1e9, gemm=gemm_time,
+                          gemm_gflop_per_s=gemm_rate / 1e9, fraction_of_gemm_rate=model_rate / gemm_rate,
+                          gemm_share_of_step=gemm_time["median"] / step_time["median"])
+    result = dict(batch=cfg.train_batch, overrides=cfg.model_overrides, rows=rows)
+    mw_names = [n for n in models if models[n].cfg.decoder_multiwindow and "(flex)" not in n]
+    plain = [n for n in models if not models[n].cfg.decoder_multiwindow]
+    if mw_names and plain:
+        result["mw_over_mae"] = rows[mw_names[0]]["ms_per_step"] / rows[plain[0]]["ms_per_step"]
+    return result
+
+
+# ----------------------------------------------------------------------------- 3. embeddings
+
+def noise_clip(seconds: float, seed: int = 0) -> torch.Tensor:
+    """(1, samples) of quiet noise: the embedding cost does not depend on the content."""
+    generator = torch.Generator().manual_seed(seed)
+    return 0.1 * torch.randn(1, int(seconds * data.SAMPLE_RATE), generator=generator)
+
+
+def peak_memory_worker(model_name: str, seconds: float, device: str, queue) -> None:
+    """In a fresh process: scene embedding of one long clip; reports its peak memory."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    model = embed.load_model(model_name).to(device)
+    audio = noise_clip(seconds).to(device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    embed.get_scene_embeddings(audio, model)
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    queue.put(dict(peak_rss_mb=after / 1024, rss_before_mb=before / 1024,
+                   audio_mb=audio.numel() * 4 / 2**20, gpu_peak_mb=gpu,
+                   wall_seconds=elapsed, real_time_factor=seconds / elapsed))
+
+
+def measure_peak_memory(model_name: str, seconds: float, device: torch.device) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    os.environ["BENCH_THREADS"] = str(torch.get_num_threads())
+    worker = context.Process(target=peak_memory_worker, args=(model_name, seconds, str(device), queue))
+    worker.start()
+    result = queue.get()
+    worker.join()
+    return result
+
+
+def bench_embeddings(cfg: BenchConfig, device: torch.device) -> dict:
+    """Real-time factor of get_scene_embeddings per model; peak memory of a long clip."""
+    audio = noise_clip(cfg.embed_seconds).to(device)
+    models = {name: embed.load_model(name).to(device) for name in cfg.embed_models}
+    timings = time_interleaved(
+        {name: (lambda m=model: embed.get_scene_embeddings(audio, m)) for name, model in models.items()},
+        cfg.repeats, cfg.warmup, device)
+    rows = {name: dict(time=summary(t), real_time_factor=cfg.embed_seconds / statistics.median(t))
+            for name, t in timings.items()}
+    long_clip = measure_peak_memory(cfg.long_model, cfg.long_seconds, device)
+    return dict(clip_seconds=cfg.embed_seconds, rows=rows,
+                long_clip=dict(model=cfg.long_model, seconds=cfg.long_seconds, **long_clip))
+
+
+# ----------------------------------------------------------------------------- 4. data
+
+def bench_data(cfg: BenchConfig, device: torch.device, train_samples_per_s: float | None) -> dict:
+    """Log-mel frontend real-time factor; random crops/s from a feature store (DEMO clips)."""
+    frontend = data.LogMel().to(device)
+    audio = noise_clip(cfg.frontend_seconds).to(device)
+    with torch.no_grad():
+        frontend_time = time_interleaved({"logmel": lambda: frontend(audio)},
+                                         cfg.repeats, cfg.warmup, device)["logmel"]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = data.prepare_demo(Path(tmp) / "store", n_clips=cfg.store_clips, seconds=4.0)
+        dataset = data.CropDataset(store)
+        batch = min(32, cfg.store_clips)
+        crops = [data.measure_crops_per_second(dataset, batch, workers=0, batches=cfg.store_batches)
+                 for _ in range(cfg.repeats)]
+    result = dict(frontend=dict(clip_seconds=cfg.frontend_seconds, time=summary(frontend_time),
+                                real_time_factor=cfg.frontend_seconds / statistics.median(frontend_time)),
+                  store=dict(crops_per_s=statistics.median(crops), runs=crops, batch=batch,
+                             workers=0, clips=cfg.store_clips))
+    if train_samples_per_s:
+        result["store"]["train_samples_per_s"] = train_samples_per_s
+        result["store"]["crops_over_samples"] = result["store"]["crops_per_s"] / train_samples_per_s
+    return result
+
+
+# ----------------------------------------------------------------------------- the run
+
+def machine() -> dict:
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return dict(cpu=cpu, cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def run_benchmarks(cfg: BenchConfig, device: torch.device, echo: Callable[[str], None] = print) -> dict:
+    """Every section of `cfg.sections`, in order; the results as one JSON-ready dict."""
+    results = dict(machine=machine(), device=str(device), config=dataclasses.asdict(cfg),
+                   load_average=dict(start=load_average()))
+    if "attention" in cfg.sections:
+        echo("1/4 attention ...")
+        results["attention"] = bench_attention(cfg, device)
+    if "train" in cfg.sections:
+        echo("2/4 pretraining step ...")
+        results["train"] = bench_training(cfg, device)
+    if "embed" in cfg.sections:
+        echo("3/4 embeddings ...")
+        results["embed"] = bench_embeddings(cfg, device)
+    if "data" in cfg.sections:
+        echo("4/4 data ...")
+        rows = results.get("train", {}).get("rows", {})
+        mw = [row["samples_per_s"] for name, row in rows.items() if name.startswith("mwmae")]
+        results["data"] = bench_data(cfg, device, mw[0] if mw else None)
+    results["load_average"]["end"] = load_average()
+    results["targets"] = check_targets(results)
+    return results
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The issue's targets for a 2-core CPU, each with the measured value and whether it is met."""
+    targets = []
+
+    def add(name: str, value: float | None, goal: float, higher_is_better: bool = True):
+        if value is not None:
+            met = value >= goal if higher_is_better else value <= goal
+            targets.append(dict(target=name, value=value, goal=goal, met=met))
+
+    train_rows = results.get("train", {}).get("rows", {})
+    add("MW-MAE step / MAE step <= 1.00", results.get("train", {}).get("mw_over_mae"), 1.0, False)
+    for name, row in train_rows.items():
+        add(f"{name}: model FLOP/s >= 90% of GEMM rate", row["fraction_of_gemm_rate"], 0.9)
+    for name, row in results.get("embed", {}).get("rows", {}).items():
+        if name.endswith("base"):
+            add(f"{name} embeddings >= 5x real time", row["real_time_factor"], 5.0)
+    frontend = results.get("data", {}).get("frontend")
+    add("log-mel frontend >= 1000x real time", frontend and frontend["real_time_factor"], 1000.0)
+    add("store crops/s >= 10x training samples/s",
+        results.get("data", {}).get("store", {}).get("crops_over_samples"), 10.0)
+    return targets
+
+
+def format_report(results: dict) -> str:
+    """The human-readable table."""
+    m = results["machine"]
+    lines = [f"MW-MAE benchmarks on {results['device']}: {m['cpu']} ({m['cpus']} CPUs, "
+             f"{m['threads']} torch threads){', ' + m['gpu'] if m['gpu'] else ''}, torch {m['torch']}",
+             f"load average (1, 5, 15 min) at start {results['load_average']['start']}, "
+             f"at end {results['load_average']['end']}; medians of {results['config']['repeats']} "
+             f"interleaved repeats after {results['config']['warmup']} warm-up"]
+    if "attention" in results:
+        a = results["attention"]
+        s = a["shape"]
+        lines += ["", f"[1] attention, forward + backward: batch {s['batch']}, {s['tokens']} tokens, "
+                      f"dim {s['dim']}, {s['heads']} heads, windows {s['windows']}",
+                  f"    {'variant':<24}{'block ms':>10}{'vs MHA':>8}{'layer ms':>10}{'vs MHA':>8}"]
+        for name, row in a["rows"].items():
+            lines.append(f"    {name:<24}{1e3 * row['block']['median']:>10.1f}{row['block_vs_mha']:>8.2f}"
+                         f"{1e3 * row['layer']['median']:>10.1f}{row['layer_vs_mha']:>8.2f}")
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in a["max_abs_diff_vs_reshape"].items() if "reshape" not in k)
+        lines.append(f"    block = pre-LN ViT block (attention + MLP); layer = the attention alone. "
+                     f"Max |output - reshape|: {diffs}. Fastest MW backend: {a['fastest_mw_backend']}")
+    if "train" in results:
+        t = results["train"]
+        lines += ["", f"[2] pretraining step (forward + backward + AdamW), batch {t['batch']}"
+                      f"{', overrides ' + str(t['overrides']) if t['overrides'] else ''}",
+                  f"    {'model':<20}{'ms/step':>9}{'samples/s':>11}{'GFLOP/step':>12}{'GFLOP/s':>9}"
+                  f"{'GEMM GFLOP/s':>14}{'fraction':>10}{'GEMM share':>12}"]
+        for name, row in t["rows"].items():
+            lines.append(f"    {name:<20}{row['ms_per_step']:>9.0f}{row['samples_per_s']:>11.2f}"
+                         f"{row['gflop_per_step']:>12.1f}{row['model_gflop_per_s']:>9.1f}"
+                         f"{row['gemm_gflop_per_s']:>14.1f}{row['fraction_of_gemm_rate']:>10.2f}"
+                         f"{row['gemm_share_of_step']:>12.2f}")
+        if "mw_over_mae" in t:
+            lines.append(f"    MW-MAE step / MAE step: {t['mw_over_mae']:.2f}")
+        lines.append("    fraction = model FLOP/s / GEMM FLOP/s, the GEMM rate of replaying the step's own "
+                     "mm/addmm calls; GEMM share = replay time / step time")
+    if "embed" in results:
+        e = results["embed"]
+        lines += ["", f"[3] embeddings: get_scene_embeddings of a {e['clip_seconds']:g}-s clip"]
+        for name, row in e["rows"].items():
+            lines.append(f"    {name:<20}{1e3 * row['time']['median']:>9.0f} ms  "
+                         f"{row['real_time_factor']:>8.1f}x real time")
+        lc = e["long_clip"]
+        gpu = f", GPU peak {lc['gpu_peak_mb']:.0f} MB" if lc["gpu_peak_mb"] is not None else ""
+        lines.append(f"    {lc['model']}, {lc['seconds'] / 60:g}-min clip: peak RSS {lc['peak_rss_mb']:.0f} MB "
+                     f"(before the call {lc['rss_before_mb']:.0f} MB, of which audio {lc['audio_mb']:.0f} MB)"
+                     f"{gpu}; {lc['real_time_factor']:.1f}x real time")
+    if "data" in results:
+        d = results["data"]
+        f, st = d["frontend"], d["store"]
+        lines += ["", "[4] data",
+                  f"    log-mel frontend, {f['clip_seconds']:g}-s clip: {1e3 * f['time']['median']:.1f} ms, "
+                  f"{f['real_time_factor']:.0f}x real time",
+                  f"    feature store: {st['crops_per_s']:.0f} crops/s (batch {st['batch']}, "
+                  f"{st['workers']} workers)" + (f" vs {st['train_samples_per_s']:.2f} training samples/s: "
+                                                 f"{st['crops_over_samples']:.0f}x"
+                                                 if "crops_over_samples" in st else "")]
+    if results["targets"]:
+        lines += ["", "Targets (set for the 2-core CPU):"]
+        for t in results["targets"]:
+            lines.append(f"    {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['value']:.2f}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="The one-minute version: smaller batches and clips.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
+@click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--only", "sections", multiple=True, type=click.Choice(FULL.sections),
+              help="Run only these sections (repeatable).")
+def main(quick: bool, device: str, json_path: str | None, threads: int | None, sections: tuple[str, ...]):
+    """Benchmark attention, the pretraining step, embeddings and the data pipeline."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = QUICK if quick else FULL
+    if sections:
+        cfg = dataclasses.replace(cfg, sections=sections)
+    results = run_benchmarks(cfg, device, echo=lambda msg: click.echo(msg, err=True))
+    click.echo(format_report(results))
+    if json_path:
+        mae.atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        click.echo(f"wrote {json_path}", err=True)
+
+
+if __name__ == "__main__":
+    main()
