@@ -14,8 +14,12 @@ Two commands:
     Pretrains MAE, MW-MAE and AudioMAE++ (same encoder, same decoder width and depth, same
     data, steps, batch and seed) with train.py, probes the pretrained models and their random
     initialisations on every HEAR task with evaluate.py, and writes the s(m) table
-    (results.md) and the pretraining loss curves (loss_curves.png). `--fraction 0.1` pretrains
-    on a deterministic 10% of the pool's files instead (the papers' low-data experiment).
+    (results.md, score.md) and the pretraining loss curves (loss_curves.png). `--fraction 0.1`
+    pretrains on a deterministic 10% of the pool's files instead (the papers' low-data
+    experiment); `--set KEY=VALUE` changes all three models alike (e.g. a shallower encoder);
+    `--max-clips-per-split N` evaluates on deterministic reduced copies of the tasks. Finished
+    steps found in --work (checkpoints, results.json) are reused, so an interrupted run
+    continues where it stopped.
 """
 from __future__ import annotations
 
@@ -334,30 +338,32 @@ def task_table(eval_dirs: dict[str, Path]) -> str:
     """Mean ± 95% CI of the primary score per task and model, from results.json files."""
     results = {label: json.loads((d / "results.json").read_text()) for label, d in eval_dirs.items()}
     tasks = sorted(set.intersection(*(set(r["tasks"]) for r in results.values())))
-    lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines = ["| model | " + " | ".join(tasks) + " | embedding + probe time (s) |",
+             "|---" * (len(tasks) + 2) + "|"]
     for label, result in results.items():
+        seconds = sum(result["tasks"][t]["embedding_s"] + result["tasks"][t]["probe_s"] for t in tasks)
         cells = []
         for task in tasks:
             entry = result["tasks"][task]
             score = entry["scores"][entry["primary"]]
             cells.append(f"{100 * score['mean']:.1f} ± {100 * score['ci95']:.1f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def training_table(runs: dict[str, Path], seconds: dict[str, float | None]) -> str:
-    """Steps, first and last logged loss, throughput and wall time of each pretraining."""
-    lines = ["| run | steps | first loss | last loss (mean of last 10 steps) | samples/s | wall (s) |",
-             "|---|---|---|---|---|---|"]
+def training_table(runs: dict[str, Path]) -> str:
+    """Steps, first and last logged loss, throughput and time of each pretraining (from
+    metrics.jsonl: the time from the first to the last logged step, start-up not counted)."""
+    lines = ["| run | steps | first loss | last loss (mean of last 10 steps) | samples/s | "
+             "time, step 1 to last (s) |", "|---|---|---|---|---|---|"]
     for label, run_dir in runs.items():
         metrics = read_metrics(run_dir)
         if not metrics:
             continue
         tail = [m["loss"] for m in metrics[-10:]]
-        rate = sum(m["samples_per_s"] for m in metrics[1:] or metrics) / max(len(metrics) - 1, 1)
-        wall = seconds.get(label)
+        rate = sum(m["samples_per_s"] for m in metrics) / len(metrics)
         lines.append(f"| {label} | {metrics[-1]['step']} | {metrics[0]['loss']:.4f} | "
-                     f"{sum(tail) / len(tail):.4f} | {rate:.1f} | {'(earlier run)' if wall is None else f'{wall:.0f}'} |")
+                     f"{sum(tail) / len(tail):.4f} | {rate:.1f} | {metrics[-1]['time'] - metrics[0]['time']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -424,7 +430,9 @@ def pool_command(out: Path, packages: tuple[str, ...], workers: int) -> None:
 @click.option("--probe-epochs", default=500, show_default=True, help="Probe epoch limit.")
 @click.option("--random/--no-random", "with_random", default=True, show_default=True,
               help="Also evaluate the random initialisation of each model.")
-@click.option("--threads", default=2, show_default=True, help="torch threads for evaluation.")
+@click.option("--threads", default=1, show_default=True,
+              help="torch threads of evaluate.py (its small probe steps ran 7x slower with 2 threads "
+                   "than with 1 on a busy 2-core machine).")
 def run_command(pool_store, task_root, out, work, steps, batch_size, blr, warmup_steps, seed, seeds,
                 fraction, override_items, max_clips_per_split, probe_epochs, with_random, threads):
     """Pretrain MAE, MW-MAE and AudioMAE++ alike, probe them on every task, write the table."""
@@ -458,7 +466,8 @@ def run_command(pool_store, task_root, out, work, steps, batch_size, blr, warmup
                           f"{seeds} probe seeds, probe epoch limit {probe_epochs}",
             "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch "
                        f"{torch.__version__}",
-            "wall time of this command": f"{time.perf_counter() - start:.0f} s",
+            "wall time of this command": f"{time.perf_counter() - start:.0f} s (steps found done "
+                                         "in --work are reused and not counted)",
         }
 
     if with_random:
@@ -468,10 +477,10 @@ def run_command(pool_store, task_root, out, work, steps, batch_size, blr, warmup
         seconds[f"eval {label}"] = evaluate(model_file, tasks, work / "eval" / label, s, log)
         eval_dirs[label] = work / "eval" / label
         write_report(out, tag, context(), "(s(m) is computed when every model is evaluated)\n",
-                     task_table(eval_dirs), training_table(runs, seconds), png, s, seconds)
+                     task_table(eval_dirs), training_table(runs), png, s, seconds)
     python("evaluate.py", "score", *eval_dirs.values(), "--out", out / "score.md", log=log)
     write_report(out, tag, context(), (out / "score.md").read_text(), task_table(eval_dirs),
-                 training_table(runs, seconds), png, s, seconds)
+                 training_table(runs), png, s, seconds)
     click.echo((out / "results.md").read_text())
 
 
