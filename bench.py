@@ -28,7 +28,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -157,6 +156,17 @@ def attention_variants(cfg: BenchConfig, device: torch.device) -> dict[str, nn.M
     return {name: module.to(device) for name, module in variants.items()}
 
 
+def drop_failing_flex(candidates: dict[str, Callable[[], object]], errors: dict[str, str]) -> None:
+    """Run every FlexAttention candidate once; one that fails (e.g. no compiler support for
+    this GPU) is reported in `errors` and left out. Failures of the other paths raise."""
+    for name in [name for name in candidates if "flex" in name]:
+        try:
+            candidates[name]()
+        except Exception as error:  # noqa: BLE001 - reported in the results, not hidden
+            errors[name] = f"{type(error).__name__}: {error}"[:1000]
+            del candidates[name]
+
+
 def forward_backward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def run():
         module(x).sum().backward()
@@ -168,6 +178,9 @@ def bench_attention(cfg: BenchConfig, device: torch.device) -> dict:
     torch.manual_seed(0)
     variants = attention_variants(cfg, device)
     x = torch.randn(cfg.attn_batch, cfg.tokens, cfg.dim, device=device, requires_grad=True)
+    errors = {}
+    drop_failing_flex({name: forward_backward(m, x) for name, m in variants.items()}, errors)
+    variants = {name: m for name, m in variants.items() if name not in errors}
     with torch.no_grad():  # the baselines compute the same function as our MW-MHA
         reference = variants["MW-MHA reshape"](x)
         agreement = {name: float((module(x) - reference).abs().max())
@@ -189,7 +202,8 @@ def bench_attention(cfg: BenchConfig, device: torch.device) -> dict:
     fastest = min(fused, key=lambda name: rows[name]["block"]["median"])
     return dict(shape=dict(batch=cfg.attn_batch, tokens=cfg.tokens, dim=cfg.dim, heads=cfg.heads,
                            windows=window_sizes(cfg.tokens)),
-                rows=rows, max_abs_diff_vs_reshape=agreement, fastest_mw_backend=fastest)
+                rows=rows, max_abs_diff_vs_reshape=agreement, fastest_mw_backend=fastest,
+                errors=errors)
 
 
 # ----------------------------------------------------------------------------- 2. training
@@ -271,9 +285,13 @@ def bench_training(cfg: BenchConfig, device: torch.device) -> dict:
             models[f"{name} (flex)"] = mae.build(name, **cfg.model_overrides).to(device)
             set_backend(models[f"{name} (flex)"], "flex")
     steps = {name: training_step(model, batch) for name, model in models.items()}
+    errors = {}
+    drop_failing_flex(steps, errors)  # (its first step is done here)
+    models = {name: model for name, model in models.items() if name not in errors}
     flops, replays = {}, {}
     for name, step in steps.items():
-        step()  # the first step allocates the optimizer state
+        if "flex" not in name:
+            step()  # the first step allocates the optimizer state
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             with GemmRecorder() as recorder:
                 step()
@@ -295,7 +313,7 @@ def bench_training(cfg: BenchConfig, device: torch.device) -> dict:
                           gemm_gflop=gemm_flops / 1e9, gemm=gemm_time,
                           gemm_gflop_per_s=gemm_rate / 1e9, fraction_of_gemm_rate=model_rate / gemm_rate,
                           gemm_share_of_step=gemm_time["median"] / step_time["median"])
-    result = dict(batch=cfg.train_batch, overrides=cfg.model_overrides, rows=rows)
+    result = dict(batch=cfg.train_batch, overrides=cfg.model_overrides, rows=rows, errors=errors)
     mw_names = [n for n in models if models[n].cfg.decoder_multiwindow and "(flex)" not in n]
     plain = [n for n in models if not models[n].cfg.decoder_multiwindow]
     if mw_names and plain:
@@ -311,29 +329,49 @@ def noise_clip(seconds: float, seed: int = 0) -> torch.Tensor:
     return 0.1 * torch.randn(1, int(seconds * data.SAMPLE_RATE), generator=generator)
 
 
-def peak_memory_worker(model_name: str, seconds: float, device: str, queue) -> None:
+def memory_status() -> dict[str, float]:
+    """Resident memory of this process in MiB: now (VmRSS) and its peak (VmHWM); Linux only."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return {}
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM") if key in fields}
+
+
+def reset_peak_memory() -> None:
+    """Restart VmHWM from the current RSS (Linux >= 4.0); harmless where it is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_worker(model_name: str, seconds: float, device: str, threads: int, queue) -> None:
     """In a fresh process: scene embedding of one long clip; reports its peak memory."""
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    torch.set_num_threads(threads)
     model = embed.load_model(model_name).to(device)
     audio = noise_clip(seconds).to(device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    reset_peak_memory()
+    before = memory_status()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     embed.get_scene_embeddings(audio, model)
     elapsed = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = memory_status()
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    queue.put(dict(peak_rss_mb=after / 1024, rss_before_mb=before / 1024,
+    queue.put(dict(peak_rss_mb=after.get("VmHWM"), rss_before_mb=before.get("VmRSS"),
                    audio_mb=audio.numel() * 4 / 2**20, gpu_peak_mb=gpu,
                    wall_seconds=elapsed, real_time_factor=seconds / elapsed))
 
 
 def measure_peak_memory(model_name: str, seconds: float, device: torch.device) -> dict:
+    """peak_memory_worker in a fresh process: what this process has allocated and freed before
+    does not hide the memory the call needs."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    os.environ["BENCH_THREADS"] = str(torch.get_num_threads())
-    worker = context.Process(target=peak_memory_worker, args=(model_name, seconds, str(device), queue))
+    worker = context.Process(target=peak_memory_worker,
+                             args=(model_name, seconds, str(device), torch.get_num_threads(), queue))
     worker.start()
     result = queue.get()
     worker.join()
@@ -454,6 +492,7 @@ def format_report(results: dict) -> str:
         for name, row in a["rows"].items():
             lines.append(f"    {name:<24}{1e3 * row['block']['median']:>10.1f}{row['block_vs_mha']:>8.2f}"
                          f"{1e3 * row['layer']['median']:>10.1f}{row['layer_vs_mha']:>8.2f}")
+        lines += [f"    left out {name}: {error}" for name, error in a["errors"].items()]
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in a["max_abs_diff_vs_reshape"].items() if "reshape" not in k)
         lines.append(f"    block = pre-LN ViT block (attention + MLP); layer = the attention alone. "
                      f"Max |output - reshape|: {diffs}. Fastest MW backend: {a['fastest_mw_backend']}")
@@ -468,6 +507,7 @@ def format_report(results: dict) -> str:
                          f"{row['gflop_per_step']:>12.1f}{row['model_gflop_per_s']:>9.1f}"
                          f"{row['gemm_gflop_per_s']:>14.1f}{row['fraction_of_gemm_rate']:>10.2f}"
                          f"{row['gemm_share_of_step']:>12.2f}")
+        lines += [f"    left out {name}: {error}" for name, error in t["errors"].items()]
         if "mw_over_mae" in t:
             lines.append(f"    MW-MAE step / MAE step: {t['mw_over_mae']:.2f}")
         lines.append("    fraction = model FLOP/s / GEMM FLOP/s, the GEMM rate of replaying the step's own "
@@ -480,8 +520,9 @@ def format_report(results: dict) -> str:
                          f"{row['real_time_factor']:>8.1f}x real time")
         lc = e["long_clip"]
         gpu = f", GPU peak {lc['gpu_peak_mb']:.0f} MB" if lc["gpu_peak_mb"] is not None else ""
-        lines.append(f"    {lc['model']}, {lc['seconds'] / 60:g}-min clip: peak RSS {lc['peak_rss_mb']:.0f} MB "
-                     f"(before the call {lc['rss_before_mb']:.0f} MB, of which audio {lc['audio_mb']:.0f} MB)"
+        memory = (f"peak RSS {lc['peak_rss_mb']:.0f} MiB (before the call {lc['rss_before_mb']:.0f} MiB, "
+                  f"of which audio {lc['audio_mb']:.0f} MiB)" if lc["peak_rss_mb"] else "peak RSS unknown")
+        lines.append(f"    {lc['model']}, {lc['seconds'] / 60:g}-min clip in a fresh process: {memory}"
                      f"{gpu}; {lc['real_time_factor']:.1f}x real time")
     if "data" in results:
         d = results["data"]
