@@ -126,3 +126,23 @@ def test_flex_backend_equals_reshape(windows, n, rel_pos_bias):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         MultiWindowAttention(16, [2, 8], 8, backend="fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention trains on CUDA only")
+def test_flex_backend_gradients_on_cuda():
+    """Compiled FlexAttention: output and every parameter gradient (bias tables included)
+    against the reshape backend, in float32 on the GPU."""
+    torch.set_default_dtype(torch.float32)
+    windows = [2, 5, 10, 25, 50, 125, 250, 250]
+    reshape = MultiWindowAttention(8 * len(windows), windows, 250, backend="reshape").cuda()
+    randomise(reshape)
+    flex = MultiWindowAttention(8 * len(windows), windows, 250, backend="flex").cuda()
+    flex.load_state_dict(reshape.state_dict())
+    x = torch.randn(2, 250, 8 * len(windows), device="cuda")
+    outputs = [module(x) for module in (reshape, flex)]
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-4
+    for out in outputs:
+        out.square().sum().backward()
+    for (name, p_reshape), p_flex in zip(reshape.named_parameters(), flex.parameters()):
+        scale = p_reshape.grad.abs().max()
+        assert (p_reshape.grad - p_flex.grad).abs().max() <= 1e-3 * scale, name
