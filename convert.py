@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import json
 import os
 import pickle
 import re
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 
 from attention import window_sizes
-from mae import MAE, SIZES, MAEConfig, load_pretrained, save_pretrained
+from mae import MAE, SIZES, MAEConfig, load_pretrained, parse_overrides, save_pretrained
 
 
 # ============================================================================
@@ -643,13 +642,6 @@ def _is_our_checkpoint(path: Path) -> bool:
 # 4. Command-line interface
 # ============================================================================
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    key, _, value = text.partition("=")
-    if key not in {f.name for f in dataclasses.fields(MAEConfig)}:
-        raise click.BadParameter(f"unknown config field {key!r}")
-    return key, json.loads(value)
-
-
 @click.command()
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -661,7 +653,7 @@ def cli(checkpoint: Path, out: Path, overrides: tuple[str, ...]):
     or one of ours, to this project's safetensors format, loadable by embed.py,
     evaluate.py and train.py."""
     try:
-        model = convert(checkpoint, **dict(map(_parse_override, overrides)))
+        model = convert(checkpoint, **parse_overrides(overrides))
     except ValueError as error:
         raise click.ClickException(str(error)) from error
     save_pretrained(model, out)

@@ -237,18 +237,12 @@ MODELS = ("mae-tiny", "mwmae-tiny", "audiomaepp-tiny")
 
 
 def parse_overrides(items: tuple[str, ...]) -> dict:
-    """('depth=4', 'decoder_dim=192') -> {'depth': 4, 'decoder_dim': 192} (JSON values),
-    the same syntax as train.py --set."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    mae.preset_config(MODELS[0], **overrides)  # unknown keys or bad values fail here
+    """--set FIELD=VALUE items (the syntax of train.py --set), checked on a preset."""
+    try:
+        overrides = mae.parse_overrides(items)
+        mae.preset_config(MODELS[0], **overrides)  # bad values fail here
+    except (TypeError, ValueError) as error:
+        raise click.BadParameter(str(error)) from error
     return overrides
 
 

@@ -114,6 +114,24 @@ def preset_config(name: str, **overrides) -> MAEConfig:
     return MAEConfig(**{**kwargs, **overrides})
 
 
+def parse_overrides(items) -> dict:
+    """Config fields from command-line text: ('depth=4', 'windows=[2,5,250]', 'block=plusplus')
+    -> {'depth': 4, 'windows': [2, 5, 250], 'block': 'plusplus'}. Values are JSON; a bare word
+    is a string. An unknown field or a missing '=' raises ValueError."""
+    known = {field.name for field in dataclasses.fields(MAEConfig)}
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"{item!r}: expected FIELD=VALUE; unknown config field {key!r}? "
+                             f"fields: {', '.join(sorted(known))}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def build(name: str, **overrides) -> "MAE":
     """A randomly initialised model from a preset name, e.g. build('mwmae-tiny', decoder_depth=2)."""
     return MAE(preset_config(name, **overrides))

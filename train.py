@@ -39,7 +39,6 @@ import os
 import random
 import signal
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import click
@@ -70,18 +69,11 @@ DEFAULTS = dict(overrides=(), batch_size=64, max_steps=None, warmup_epochs=10.0,
 # ----------------------------------------------------------------------------- setup
 
 def model_overrides(items: tuple[str, ...]) -> dict:
-    """('depth=4', 'windows=[2,5,250]') -> {'depth': 4, 'windows': [2, 5, 250]} (JSON values)."""
-    known = {field.name for field in fields(mae.MAEConfig)}
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, KEY in {sorted(known)}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value  # a bare string such as block=plusplus
-    return overrides
+    """--set FIELD=VALUE items -> config overrides (mae.parse_overrides), as a CLI error."""
+    try:
+        return mae.parse_overrides(items)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
 
 
 def setup_device(kind: str) -> tuple[torch.device, int, int]:

@@ -2,7 +2,6 @@
 import gzip
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner

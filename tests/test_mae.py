@@ -5,7 +5,6 @@ official outputs are float32; an independent float64 re-implementation lands wit
 (4.9e-6 for AudioMAE++), and the tolerance still catches an LN eps of 1e-5 (3e-5), exact GELU
 (5.7e-4) and mis-mapped biases, LayerNorms or bias tables (> 0.2), as the sensitivity tests show.
 """
-import dataclasses
 from pathlib import Path
 
 import numpy as np
