@@ -5,9 +5,11 @@ Commands
     python evaluate.py MODEL TASK_DIR... [--seeds 10] [--out results/NAME]   (or: evaluate.py run ...)
     python evaluate.py score RESULTS... [--out FILE]
 `run` embeds every task with embed.py (scene embeddings, cached in OUT/cache/<task>.npz with
-the model and task as key), trains the probes and writes OUT/results.json and
-OUT/results.md. `score` compares results.json files (or the folders holding them) with the
-normalised overall score s(m). A model literally named "run" or "score" needs `run` spelled out.
+the model and task as key), then trains the probes, one job per (task, seed), in parallel
+processes on a CPU (--jobs, default one per core), and writes OUT/results.json and
+OUT/results.md as each task completes. `score` compares results.json files (or the folders
+holding them) with the normalised overall score s(m). A model literally named "run" or
+"score" needs `run` spelled out.
 
 Task folders (hear-preprocess layout)
 -------------------------------------
@@ -53,8 +55,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +171,13 @@ def data_splits(metadata: dict) -> list[dict[str, list[str]]]:
 
 # ----------------------------------------------------------------------------- embeddings
 
+def read_cache(cache: Path) -> tuple[str, np.ndarray, list[tuple[str, str]], dict[str, str]]:
+    """(key, embeddings, items, bad files) of a cache written by task_embeddings."""
+    with np.load(cache) as stored:
+        return (str(stored["key"]), stored["embeddings"], [tuple(item.split("/", 1)) for item in stored["items"]],
+                json.loads(str(stored["bad"])))
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
@@ -181,10 +194,9 @@ def task_embeddings(task: Task, model: embed.Embedder, cache: Path | None,
     key = json.dumps({"version": CACHE_VERSION, "model": model.describe(),
                       "task": str(task.root.resolve())}, sort_keys=True)
     if cache is not None and cache.is_file():
-        with np.load(cache) as stored:
-            if str(stored["key"]) == key:
-                items = [tuple(item.split("/", 1)) for item in stored["items"]]
-                return stored["embeddings"], items, json.loads(str(stored["bad"]))
+        stored_key, *stored = read_cache(cache)
+        if stored_key == key:
+            return tuple(stored)
     items = task.items()
     paths = {item: task.audio_path(*item) for item in items}
     digests = {item: file_digest(path) if path.is_file() else "" for item, path in paths.items()}
@@ -452,6 +464,7 @@ def evaluate_task(task: Task, embeddings: np.ndarray, items: list[tuple[str, str
             train = Split((train.x - stats[0]) / stats[1], train.y)
         return train, subset(split["valid"], stats), subset(split["test"], stats)
 
+    start = time.perf_counter()
     splits = data_splits(task.metadata)
     folds, dropout = [], None
     for i, split in enumerate(splits):
@@ -464,9 +477,45 @@ def evaluate_task(task: Task, embeddings: np.ndarray, items: list[tuple[str, str
         y_test = test.y.cpu().numpy()
         folds.append({"test": split["test"], "valid_score": best.valid_score, "epoch": best.epoch,
                       "scores": {name: SCORES[name](probs, y_test) for name in task.metadata["evaluation"]}})
-    return {"seed": seed, "dropout": dropout, "folds": folds,
+    return {"seed": seed, "dropout": dropout, "folds": folds, "seconds": time.perf_counter() - start,
             "scores": {name: float(np.mean([f["scores"][name] for f in folds]))
                        for name in task.metadata["evaluation"]}}
+
+
+# ----------------------------------------------------------------------------- probes in parallel
+
+def cpu_cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def evaluate_cached(task: Task, cache: Path, seed: int, cfg: ProbeConfig, device: str) -> dict:
+    """evaluate_task on the embeddings that task_embeddings cached: a probe process reads the
+    file instead of receiving the arrays through a pipe."""
+    _, embeddings, items, _ = read_cache(cache)
+    return evaluate_task(task, embeddings, items, seed, cfg, device)
+
+
+def _start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_probes(jobs: list[tuple], workers: int, threads: int) -> Iterator[tuple[int, dict]]:
+    """evaluate_cached(*job) for every job, yielding (job index, result) as they finish.
+
+    workers > 1: in that many processes of `threads` torch threads each. A probe is a chain of
+    small dependent steps (1024-row matrix products, elementwise ops on 1024 x 1024), which
+    several threads share poorly; independent (task, seed) jobs in separate processes keep
+    every core busy instead."""
+    if workers <= 1:
+        for index, job in enumerate(jobs):
+            yield index, evaluate_cached(*job)
+        return
+    context = multiprocessing.get_context("spawn")  # forking a process whose torch threads started is unsafe
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(evaluate_cached, *job): index for index, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 def summarize(runs: list[dict], score_names: list[str]) -> dict:
@@ -489,7 +538,7 @@ def percent(value: float) -> str:
 def results_markdown(results: dict) -> str:
     lines = [f"Model: {results['model_arg']} ({results['model']['source']}, layout {results['model']['layout']}); "
              f"{len(results['seeds'])} seeds; scores in %, mean ± 95% CI over seeds.", "",
-             "| task | score | mean ± 95% CI | dropout per seed | embedding s | probe s |",
+             "| task | score | mean ± 95% CI | dropout per seed | embedding s | probe s (all seeds) |",
              "|---|---|---|---|---|---|"]
     for name, task in results["tasks"].items():
         s = task["scores"][task["primary"]]
@@ -497,6 +546,10 @@ def results_markdown(results: dict) -> str:
         dropouts = ", ".join(str(run["dropout"]) for run in task["runs"])
         lines.append(f"| {name} | {task['primary']} | {percent(s['mean'])}{ci} | {dropouts} | "
                      f"{task['embedding_s']:.0f} | {task['probe_s']:.0f} |")
+    if "probe_wall_s" in results:
+        embedding_s = sum(task["embedding_s"] for task in results["tasks"].values())
+        lines += ["", f"Wall time: embeddings {embedding_s / 60:.1f} min, probes {results['probe_wall_s'] / 60:.1f} min "
+                      f"({results['probe_processes']} processes x {results['probe_threads']} threads)."]
     return "\n".join(lines) + "\n"
 
 
@@ -549,9 +602,12 @@ def cli():
 @click.option("--max-epochs", default=500, show_default=True, help="Probe epoch limit (500 as HEAR).")
 @click.option("--standardize/--no-standardize", default=False, show_default=True,
               help="Scale embeddings with training-split statistics (hear-eval-kit does not).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
+@click.option("--jobs", "n_jobs", type=int, default=None,
+              help="Probe processes [default: one per CPU core on cpu, 1 on cuda].")
+@click.option("--threads", type=int, default=None,
+              help="torch threads per process [default: embedding: torch's choice; probes: cores / jobs].")
 def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_seed, max_epochs,
-        standardize, threads):
+        standardize, n_jobs, threads):
     """Evaluate MODEL (a checkpoint or a preset name) on the HEAR task folders TASK_DIR...."""
     if threads:
         torch.set_num_threads(threads)
@@ -564,31 +620,57 @@ def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_see
         raise click.ClickException(str(error)) from error
     if not tasks:
         raise click.ClickException("no task folders given")
+    if len({task.name for task in tasks}) < len(tasks):
+        raise click.ClickException("two task folders have the same task_name")
     out = Path(out or Path("results") / Path(model_path).stem)
     device = embed.pick_device(device)
     model = embed.load_model(model_path, layout=layout, seed=model_seed, batch_size=batch_size).to(device)
     cfg = ProbeConfig(max_epochs=max_epochs, standardize=standardize)
     results = {"model_arg": model_path, "model": model.describe(), "probe": dataclasses.asdict(cfg),
                "seeds": list(range(seeds)), "tasks": {}}
+
+    # 1. Embeddings of every task, cached in OUT/cache (identical audio is embedded once).
     memo: dict[str, np.ndarray] = {}
+    embedded = {}
     for task in tasks:
         start = time.perf_counter()
-        embeddings, items, bad = task_embeddings(task, model, out / "cache" / f"{task.name}.npz", memo)
-        embedded = time.perf_counter()
-        runs = [evaluate_task(task, embeddings, items, seed, cfg, device)
-                for seed in tqdm(range(seeds), desc=f"probe {task.name}", unit="seed")]
-        results["tasks"][task.name] = {
-            "task_dir": str(task.root), "primary": task.primary_score, "examples": len(items),
-            "bad_files": bad, "scores": summarize(runs, task.metadata["evaluation"]), "runs": runs,
-            "embedding_s": embedded - start, "probe_s": time.perf_counter() - embedded}
-        primary = results["tasks"][task.name]["scores"][task.primary_score]
-        click.echo(f"{task.name}: {task.primary_score} {percent(primary['mean'])} ± {percent(primary['ci95'])} "
-                   f"({len(items)} examples, {len(bad)} unreadable; embedding {embedded - start:.0f} s, "
-                   f"probes {time.perf_counter() - embedded:.0f} s)")
-        write_json(out / "results.json", results)
-        write_text(out / "results.md", results_markdown(results))
+        cache = out / "cache" / f"{task.name}.npz"
+        _, items, bad = task_embeddings(task, model, cache, memo)
+        embedded[task.name] = {"cache": cache, "examples": len(items), "bad_files": bad,
+                               "embedding_s": time.perf_counter() - start}
+    del memo, model
+
+    # 2. Probes: one job per (task, seed), in parallel processes on a CPU.
+    jobs = [(task, embedded[task.name]["cache"], seed, cfg, device) for task in tasks for seed in range(seeds)]
+    workers = n_jobs or (min(cpu_cores(), len(jobs)) if device == "cpu" else 1)
+    probe_threads = threads or max(1, cpu_cores() // workers)
+    start, done = time.perf_counter(), {task.name: [] for task in tasks}
+    for index, run_result in tqdm(run_probes(jobs, workers, probe_threads), total=len(jobs),
+                                  desc=f"probes ({workers} processes)", unit="seed"):
+        task = jobs[index][0]
+        done[task.name].append(run_result)
+        if len(done[task.name]) == seeds:
+            report_task(results, task, embedded[task.name], sorted(done[task.name], key=lambda r: r["seed"]))
+            results["tasks"] = {t.name: results["tasks"][t.name] for t in tasks if t.name in results["tasks"]}
+            write_json(out / "results.json", results)
+            write_text(out / "results.md", results_markdown(results))
+    results["probe_wall_s"] = time.perf_counter() - start
+    results["probe_processes"], results["probe_threads"] = workers, probe_threads
+    write_json(out / "results.json", results)
     click.echo(results_markdown(results))
     click.echo(f"written: {out / 'results.json'}, {out / 'results.md'}")
+
+
+def report_task(results: dict, task: Task, embedded: dict, runs: list[dict]) -> None:
+    """Add a task's summary over seeds to `results` and print its line."""
+    entry = {"task_dir": str(task.root), "primary": task.primary_score, "examples": embedded["examples"],
+             "bad_files": embedded["bad_files"], "scores": summarize(runs, task.metadata["evaluation"]),
+             "runs": runs, "embedding_s": embedded["embedding_s"], "probe_s": sum(r["seconds"] for r in runs)}
+    results["tasks"][task.name] = entry
+    primary = entry["scores"][task.primary_score]
+    tqdm.write(f"{task.name}: {task.primary_score} {percent(primary['mean'])} ± {percent(primary['ci95'])} "
+               f"({entry['examples']} examples, {len(entry['bad_files'])} unreadable; embedding "
+               f"{entry['embedding_s']:.0f} s, probes {entry['probe_s']:.0f} s of process time)")
 
 
 def read_results(path: str) -> tuple[str, dict]:

@@ -210,3 +210,25 @@ def test_cli_refuses_event_tasks(tmp_path):
     (root / "task_metadata.json").write_text(json.dumps({**meta, "embedding_type": "event"}))
     result = CliRunner().invoke(evaluate.cli, ["mwmae-tiny", str(root), "--out", str(tmp_path / "out")])
     assert result.exit_code != 0 and "only scene tasks" in result.output
+
+
+def test_parallel_probes_equal_sequential(tmp_path, model):
+    """(task, seed) jobs in 2 spawned processes give exactly what one process gives, in the
+    same places of results.json (same threads, so the same arithmetic)."""
+    tasks = [write_task(tmp_path / "tones_a", seed=1, per_split=2),
+             write_task(tmp_path / "tones_b", "trainvaltest", seed=2, per_split=2)]
+    checkpoint = tmp_path / "model.safetensors"
+    mae.save_pretrained(model.mae, checkpoint)
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        result = CliRunner().invoke(evaluate.cli, [str(checkpoint), *map(str, tasks), "--seeds", "3", "--max-epochs",
+                                                   "12", "--device", "cpu", "--jobs", str(jobs), "--threads", "1",
+                                                   "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "results.json").read_text())
+        assert list(report["tasks"]) == ["tones_a", "tones_b"] and report["probe_processes"] == jobs
+        runs[jobs] = {name: [{k: v for k, v in run.items() if k != "seconds"} for run in task["runs"]]
+                      for name, task in report["tasks"].items()}
+    assert [run["seed"] for run in runs[2]["tones_a"]] == [0, 1, 2]
+    assert runs[1] == runs[2]
