@@ -15,19 +15,29 @@ Task folders (hear-preprocess layout)
 -------------------------------------
 task_metadata.json (task_name, embedding_type, prediction_type, split_mode, splits,
 evaluation: primary score first), labelvocabulary.csv (idx,label), <split>.json
-({file: [labels]}) and audio in <sample rate>/<split>/<file> (16000 preferred; any rate is
-resampled by data.load_audio). Scene tasks only: event tasks (timestamp embeddings) are not
-implemented and are refused with an error.
+({file: [labels]}, or {file: [{"label", "start", "end"} in ms]} for event tasks) and audio in
+<sample rate>/<split>/<file> (16000 preferred; any rate is resampled by data.load_audio).
 
-Probe (hear-eval-kit's scene predictor, with the papers' fixed grid)
---------------------------------------------------------------------
+Scene tasks: one scene embedding (D,) per file, one probe example per file.
+Event tasks (multilabel): timestamp embeddings, one probe example per 40-ms frame, labelled
+with every event whose [start, end] holds the frame centre. Frame probabilities become events
+per file as hear-eval-kit does (median filter of 250 ms, threshold 0.5, runs of active frames
+from the first to the last frame's timestamp, runs shorter than 125 or 250 ms dropped: that
+choice is made on validation at every check and the best check's choice is used on test),
+scored with sed_eval's overall metrics (event_onset_200ms_fms, event_onset_50ms_fms,
+event_onset_offset_50ms_20perc_fms: F-measure with optimal one-to-one matching of same-label
+events; segment_1s_er: error rate on 1-s segments), reimplemented here and tested against
+sed_eval 0.2.1.
+
+Probe (hear-eval-kit's predictor, with the papers' fixed grid)
+--------------------------------------------------------------
 Linear(D, 1024) -> BatchNorm1d -> Dropout -> ReLU -> Linear(1024, labels), xavier-uniform
 weights (gain 1, then the ReLU gain for the output layer), PyTorch's default biases.
 Adam, lr 1e-4, batches of 1024 (one full batch when the training set is no larger, shuffled
 minibatches otherwise), at most 500 epochs; the primary score is checked on the validation
 set every 3 epochs, training stops after 20 checks without a strict gain and the weights of
 the best check are tested. Multiclass: cross-entropy, scores on softmax outputs (top1_acc);
-multilabel: binary cross-entropy, scores on sigmoid outputs (mAP, macro).
+multilabel: binary cross-entropy, scores on sigmoid outputs (mAP, macro; events as above).
 Splits: trainvaltest uses its splits; k-fold tasks use each sorted fold once as test, the
 next one as validation and the rest for training. As in hear-eval-kit, the dropout
 (0.1 or 0.25) is chosen on the first split's validation score and reused for the others.
@@ -40,7 +50,10 @@ Where this departs from hear-eval-kit (which trains through PyTorch Lightning):
   when it concatenates folds); a last minibatch of one example is merged into the previous
   one, since BatchNorm cannot train on a single example;
 - embeddings are not standardised by default, as in hear-eval-kit (its `embedding_norm` is
-  Identity); --standardize scales them with the training split's mean and std.
+  Identity); --standardize scales them with the training split's mean and std;
+- a check whose score is NaN (an event score when the probe predicts no event at all) is not
+  a gain; hear-eval-kit's EarlyStopping (PyTorch Lightning >= 1.6, check_finite on by
+  default) ends the training there.
 
 Overall score
 -------------
@@ -74,7 +87,7 @@ from tqdm import tqdm
 import embed
 import mae
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -91,6 +104,10 @@ class Task:
         return self.metadata["task_name"]
 
     @property
+    def embedding_type(self) -> str:
+        return self.metadata["embedding_type"]
+
+    @property
     def prediction_type(self) -> str:
         return self.metadata["prediction_type"]
 
@@ -105,18 +122,34 @@ class Task:
     def audio_path(self, split: str, file: str) -> Path:
         return audio_root(self.root) / split / file
 
+    def label_index(self, label, where: str) -> int:
+        if str(label) not in self.labels:
+            raise ValueError(f"{self.name}: label {label!r} of {where} is not in labelvocabulary.csv")
+        return self.labels.index(str(label))
+
     def targets(self, items: list[tuple[str, str]]) -> np.ndarray:
-        """Multi-hot (one-hot for multiclass) float32 targets (N, labels)."""
-        index = {label: i for i, label in enumerate(self.labels)}
+        """Scene tasks: multi-hot (one-hot for multiclass) float32 targets (N, labels)."""
         y = np.zeros((len(items), len(self.labels)), np.float32)
         for row, (split, file) in enumerate(items):
             labels = self.splits[split][file]
             if self.prediction_type == "multiclass" and len(labels) != 1:
                 raise ValueError(f"{self.name}: {split}/{file} has {len(labels)} labels in a multiclass task")
             for label in labels:
-                if str(label) not in index:
-                    raise ValueError(f"{self.name}: label {label!r} of {split}/{file} is not in labelvocabulary.csv")
-                y[row, index[str(label)]] = 1.0
+                y[row, self.label_index(label, f"{split}/{file}")] = 1.0
+        return y
+
+    def events(self, split: str, file: str) -> list[dict]:
+        """Event tasks: the reference events of a file, [{"label", "start", "end"}] in ms."""
+        return self.splits[split][file]
+
+    def frame_targets(self, item: tuple[str, str], timestamps: np.ndarray) -> np.ndarray:
+        """Event tasks: multi-hot targets (T, labels) of frames centred at `timestamps` (ms): a
+        frame carries the label of every event with start <= t <= end (hear-eval-kit's interval
+        tree holds [start, end + 0.0001))."""
+        y = np.zeros((len(timestamps), len(self.labels)), np.float32)
+        for event in self.events(*item):
+            active = (timestamps >= event["start"]) & (timestamps < event["end"] + 0.0001)
+            y[active, self.label_index(event["label"], "/".join(item))] = 1.0
         return y
 
 
@@ -137,14 +170,21 @@ def load_task(task_dir: str | Path) -> Task:
     if not meta_path.is_file():
         raise ValueError(f"{root}: not a HEAR task folder (no task_metadata.json)")
     metadata = json.loads(meta_path.read_text())
-    if metadata.get("embedding_type") != "scene":
-        raise NotImplementedError(f"{root}: embedding_type {metadata.get('embedding_type')!r}: only scene tasks "
-                                  "are implemented (event tasks need timestamp embeddings and event scoring)")
+    kind = metadata.get("embedding_type")
+    if kind not in ("scene", "event"):
+        raise ValueError(f"{root}: unknown embedding_type {kind!r} (scene or event)")
     if metadata.get("prediction_type") not in ("multiclass", "multilabel"):
         raise ValueError(f"{root}: unknown prediction_type {metadata.get('prediction_type')!r}")
-    unknown = [s for s in metadata.get("evaluation", []) if s not in SCORES]
+    if kind == "event" and metadata["prediction_type"] != "multilabel":
+        raise ValueError(f"{root}: event tasks are multilabel (several events may overlap)")
+    known = SCORES if kind == "scene" else EVENT_SCORES
+    unknown = [s for s in metadata.get("evaluation", []) if s not in known]
     if not metadata.get("evaluation") or unknown:
-        raise ValueError(f"{root}: scores {unknown or '(none)'} not supported; known: {', '.join(SCORES)}")
+        raise ValueError(f"{root}: scores {unknown or '(none)'} not supported for {kind} tasks; "
+                         f"known: {', '.join(known)}")
+    if kind == "event" and not EVENT_SCORES[metadata["evaluation"][0]].maximize:
+        raise ValueError(f"{root}: the primary score {metadata['evaluation'][0]} is an error rate; "
+                         "early stopping needs a score to maximise first")
     with open(root / "labelvocabulary.csv", newline="") as f:
         rows = sorted((int(row["idx"]), row["label"]) for row in csv.DictReader(f))
     if [i for i, _ in rows] != list(range(len(rows))):
@@ -171,35 +211,50 @@ def data_splits(metadata: dict) -> list[dict[str, list[str]]]:
 
 # ----------------------------------------------------------------------------- embeddings
 
-def read_cache(cache: Path) -> tuple[str, np.ndarray, list[tuple[str, str]], dict[str, str]]:
-    """(key, embeddings, items, bad files) of a cache written by task_embeddings."""
-    with np.load(cache) as stored:
-        return (str(stored["key"]), stored["embeddings"], [tuple(item.split("/", 1)) for item in stored["items"]],
-                json.loads(str(stored["bad"])))
+@dataclass
+class Embedded:
+    """A task's embeddings. Rows are the probe's examples: one per clip for scene tasks, one per
+    embedding frame (40 ms) for event tasks."""
+    x: np.ndarray  # (rows, D) float32
+    row_item: np.ndarray  # (rows,) index into items of each row's file
+    timestamps: np.ndarray  # (rows,) frame centre in ms (event tasks; 0 for scene tasks)
+    items: list[tuple[str, str]]  # (split, file) of every embedded file, in task order
+    bad: dict[str, str]  # path -> reason, for the files left out
+
+    def save(self, path: Path, key: str) -> None:
+        embed.save_npz(path, key=np.array(key), x=self.x, row_item=self.row_item, timestamps=self.timestamps,
+                       items=np.array([f"{s}/{f}" for s, f in self.items]), bad=np.array(json.dumps(self.bad)))
+
+    @classmethod
+    def load(cls, path: Path, key: str | None = None) -> Embedded | None:
+        """The cache at `path`; None when its key differs from `key` (if one is given)."""
+        with np.load(path) as stored:
+            if key is not None and str(stored["key"]) != key:
+                return None
+            return cls(stored["x"], stored["row_item"], stored["timestamps"],
+                       [tuple(item.split("/", 1)) for item in stored["items"]], json.loads(str(stored["bad"])))
 
 
 def file_digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-def task_embeddings(task: Task, model: embed.Embedder, cache: Path | None,
-                    memo: dict[str, np.ndarray]) -> tuple[np.ndarray, list[tuple[str, str]], dict[str, str]]:
-    """Scene embeddings of every readable example of a task: (N, D) float32, the items
-    (split, file) of the rows, and {path: reason} of the unreadable files (left out).
+def task_embeddings(task: Task, model: embed.Embedder, cache: Path | None, memo: dict[str, np.ndarray]) -> Embedded:
+    """Embeddings of every readable file of a task: scene embeddings (D,) per file for scene
+    tasks, timestamp embeddings (T, D) for event tasks. Unreadable files are left out and
+    listed with their reason.
 
     cache: an .npz reused when its key (model + task folder) matches, else (re)written.
-    memo: digest of the file bytes -> embedding, shared across tasks so that identical
-    audio (e.g. the two mridangam tasks) is embedded once.
+    memo: (kind, digest of the file bytes) -> embedding, shared across tasks so that
+    identical audio (e.g. the two mridangam tasks) is embedded once.
     """
     key = json.dumps({"version": CACHE_VERSION, "model": model.describe(),
                       "task": str(task.root.resolve())}, sort_keys=True)
-    if cache is not None and cache.is_file():
-        stored_key, *stored = read_cache(cache)
-        if stored_key == key:
-            return tuple(stored)
+    if cache is not None and cache.is_file() and (stored := Embedded.load(cache, key)) is not None:
+        return stored
     items = task.items()
     paths = {item: task.audio_path(*item) for item in items}
-    digests = {item: file_digest(path) if path.is_file() else "" for item, path in paths.items()}
+    digests = {item: f"{task.embedding_type}:{file_digest(path)}" if path.is_file() else "" for item, path in paths.items()}
     todo = {}  # digest -> path, first file of each new sound
     for item in items:
         if digests[item] and digests[item] not in memo:
@@ -207,17 +262,27 @@ def task_embeddings(task: Task, model: embed.Embedder, cache: Path | None,
     good, bad_paths = [], {}
     clips = embed.read_clips(tqdm(todo.values(), desc=f"embed {task.name}", unit="file"), good, bad_paths)
     by_path = {path: digest for digest, path in todo.items()}
-    for index, embedding in embed.scene_embeddings(clips, model):
+    embeddings = embed.scene_embeddings if task.embedding_type == "scene" else embed.timestamp_embeddings
+    for index, embedding in embeddings(clips, model):
         memo[by_path[good[index]]] = embedding.float().cpu().numpy()
     kept = [item for item in items if digests[item] in memo]
+    if not kept:
+        raise ValueError(f"{task.name}: none of its {len(items)} audio files could be read")
     bad = {str(paths[item]): ("missing file" if not digests[item] else
                               bad_paths.get(str(paths[item]), "same bytes as an unreadable file"))
            for item in items if digests[item] not in memo}
-    embeddings = np.stack([memo[digests[item]] for item in kept]).astype(np.float32)
+    if task.embedding_type == "scene":
+        x = np.stack([memo[digests[item]] for item in kept])
+        row_item, timestamps = np.arange(len(kept)), np.zeros(len(kept), np.float32)
+    else:
+        frames = [memo[digests[item]] for item in kept]  # (T_i, D) each
+        x = np.concatenate(frames)
+        row_item = np.repeat(np.arange(len(kept)), [len(f) for f in frames])
+        timestamps = np.concatenate([embed.frame_timestamps(len(f), model.patch_frames).numpy() for f in frames])
+    result = Embedded(x.astype(np.float32), row_item, timestamps, kept, bad)
     if cache is not None:
-        embed.save_npz(cache, key=np.array(key), embeddings=embeddings,
-                       items=np.array([f"{s}/{f}" for s, f in kept]), bad=np.array(json.dumps(bad)))
-    return embeddings, kept, bad
+        result.save(cache, key)
+    return result
 
 
 # ----------------------------------------------------------------------------- scores
@@ -296,6 +361,128 @@ SCORES = {  # hear-eval-kit's scene scores; all are maximised
     "d_prime": d_prime,
     "aucroc": aucroc,
 }
+
+
+# ----------------------------------------------------------------------------- event scores
+# Event tasks are scored on events, not frames: the probe's frame outputs become events
+# (hear-eval-kit's postprocessing), compared with the reference events by sed_eval's overall
+# (micro-averaged) metrics. Times are in seconds there, as hear-eval-kit passes them.
+
+@dataclass(frozen=True)
+class EventScore:
+    kind: str  # "event": F-measure of matched events; "segment": error rate on a time grid
+    t_collar: float = 0.2  # s: |onset difference| allowed (and offset, with max(collar, share of length))
+    evaluate_offset: bool = False
+    percentage_of_length: float = 0.5
+    time_resolution: float = 1.0  # s: segment length
+    maximize: bool = True
+
+
+EVENT_SCORES = {  # hear-eval-kit's event scores
+    "event_onset_200ms_fms": EventScore("event", t_collar=0.2),
+    "event_onset_50ms_fms": EventScore("event", t_collar=0.05),
+    "event_onset_offset_50ms_20perc_fms": EventScore("event", t_collar=0.05, evaluate_offset=True,
+                                                     percentage_of_length=0.2),
+    "segment_1s_er": EventScore("segment", time_resolution=1.0, maximize=False),
+}
+
+# hear-eval-kit's postprocessing grid, chosen on validation at every check.
+POSTPROCESSING_GRID = ({"median_filter_ms": 250, "min_duration": 125}, {"median_filter_ms": 250, "min_duration": 250})
+
+
+def median_filter(x: np.ndarray, width: int) -> np.ndarray:
+    """scipy.ndimage.median_filter(x, size=(width, 1)): along time, element width // 2 of each
+    sorted window [t - width // 2, t - width // 2 + width), the ends mirrored (d c b a | a b c d)."""
+    if width <= 1:
+        return x
+    left = width // 2
+    padded = np.pad(x, ((left, width - 1 - left), (0, 0)), mode="symmetric")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, width, axis=0)  # (T, labels, width)
+    return np.sort(windows, axis=-1)[..., width // 2]
+
+
+def frames_to_events(probs: np.ndarray, timestamps: np.ndarray, labels: list[str], median_filter_ms: float,
+                     min_duration: float, threshold: float = 0.5) -> list[dict]:
+    """One file's frame probabilities (T, labels) -> events {"label", "start", "end"} in ms:
+    median filter over time, threshold, runs of active frames from the first to the last
+    frame's timestamp, runs shorter than min_duration dropped."""
+    if len(timestamps) > 1:
+        probs = median_filter(probs, int(round(median_filter_ms / np.mean(np.diff(timestamps)))))
+    events = []
+    for c, label in enumerate(labels):
+        active = np.flatnonzero(probs[:, c] > threshold)
+        for run in np.split(active, np.flatnonzero(np.diff(active) > 1) + 1) if len(active) else []:
+            start, end = float(timestamps[run[0]]), float(timestamps[run[-1]])
+            if end - start >= min_duration:
+                events.append({"label": label, "start": start, "end": end})
+    return sorted(events, key=lambda e: e["start"])
+
+
+def matching_size(hits: np.ndarray) -> int:
+    """Size of a maximum matching of a bipartite graph (reference x estimated boolean matrix),
+    by augmenting paths (Kuhn): what sed_eval's 'optimal' event matching counts."""
+    owner = [-1] * hits.shape[1]  # reference matched to each estimated event
+
+    def augment(ref: int, seen: list[bool]) -> bool:
+        for est in np.flatnonzero(hits[ref]):
+            if not seen[est]:
+                seen[est] = True
+                if owner[est] < 0 or augment(owner[est], seen):
+                    owner[est] = ref
+                    return True
+        return False
+
+    return sum(augment(ref, [False] * hits.shape[1]) for ref in range(hits.shape[0]))
+
+
+def event_counts(ref: list[dict], est: list[dict], score: EventScore) -> tuple[int, int, int]:
+    """(true positives, reference events, estimated events) of one file: a hit needs the same
+    label and the onset within the collar (and the offset within max(collar, share of the
+    reference length) when asked); each event counts at most once."""
+    true_pos = 0
+    for label in {e["label"] for e in ref} & {e["label"] for e in est}:
+        r = [(e["start"] / 1000.0, e["end"] / 1000.0) for e in ref if e["label"] == label]
+        s = [(e["start"] / 1000.0, e["end"] / 1000.0) for e in est if e["label"] == label]
+        hits = np.array([[abs(r_on - s_on) <= score.t_collar and (
+            not score.evaluate_offset or abs(r_off - s_off) <= max(score.t_collar, score.percentage_of_length * (r_off - r_on)))
+            for s_on, s_off in s] for r_on, r_off in r], dtype=bool)
+        true_pos += matching_size(hits)
+    return true_pos, len(ref), len(est)
+
+
+def segment_counts(ref: list[dict], est: list[dict], labels: list[str], resolution: float) -> np.ndarray:
+    """(substitutions, deletions, insertions, reference activity) of one file on a grid of
+    `resolution` s: a label is active in every segment its events touch."""
+    length = math.ceil(max([e["end"] / 1000.0 for e in ref + est], default=0.0) / resolution)
+
+    def roll(events: list[dict]) -> np.ndarray:
+        active = np.zeros((length, len(labels)), bool)
+        for e in events:
+            on, off = math.floor(e["start"] / 1000.0 / resolution), math.ceil(e["end"] / 1000.0 / resolution)
+            active[on:off, labels.index(str(e["label"]))] = True
+        return active
+
+    r, s = roll(ref), roll(est)
+    n_ref, n_sys, true_pos = r.sum(1), s.sum(1), (r & s).sum(1)
+    return np.array([(np.minimum(n_ref, n_sys) - true_pos).sum(), np.maximum(0, n_ref - n_sys).sum(),
+                     np.maximum(0, n_sys - n_ref).sum(), n_ref.sum()])
+
+
+def event_score(name: str, refs: list[list[dict]], ests: list[list[dict]], labels: list[str]) -> float:
+    """sed_eval's overall score `name` over files (reference and estimated events per file):
+    F-measure from summed counts (NaN without estimated or reference events, as sed_eval),
+    or the segment error rate (S + D + I) / N."""
+    score = EVENT_SCORES[name]
+    if score.kind == "segment":
+        subs, dels, ins, n_ref = sum(segment_counts(r, e, labels, score.time_resolution) for r, e in zip(refs, ests))
+        eps = np.spacing(1)
+        return float(subs / (n_ref + eps) + dels / (n_ref + eps) + ins / (n_ref + eps))
+    true_pos, n_ref, n_sys = np.sum([event_counts(r, e, score) for r, e in zip(refs, ests)], axis=0)
+    precision = true_pos / n_sys if n_sys else math.nan
+    recall = true_pos / n_ref if n_ref else math.nan
+    if precision == 0 and recall == 0:
+        return 0.0
+    return float(2 * precision * recall / (precision + recall))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -379,11 +566,53 @@ class Split:
     y: torch.Tensor  # (N, labels) multi-hot float
 
 
+class SceneScorer:
+    """The task's scores of a split's clip predictions."""
+
+    def __init__(self, task: Task, y: np.ndarray):
+        self.names, self.y = task.metadata["evaluation"], y
+
+    def validate(self, probs: np.ndarray) -> tuple[float, None]:
+        """(primary score, postprocessing: none for scenes)."""
+        return SCORES[self.names[0]](probs, self.y), None
+
+    def scores(self, probs: np.ndarray, postprocessing: None = None) -> dict[str, float]:
+        return {name: SCORES[name](probs, self.y) for name in self.names}
+
+
+class EventScorer:
+    """The task's scores of a split's frame predictions, turned into events file by file."""
+
+    def __init__(self, task: Task, emb: Embedded, rows: np.ndarray):
+        self.names, self.labels = task.metadata["evaluation"], task.labels
+        files = emb.row_item[rows]
+        self.file_rows = [np.flatnonzero(files == f) for f in np.unique(files)]  # positions in the split
+        self.timestamps = [emb.timestamps[rows][r] for r in self.file_rows]
+        self.refs = [task.events(*emb.items[f]) for f in np.unique(files)]
+
+    def events(self, probs: np.ndarray, postprocessing: dict) -> list[list[dict]]:
+        return [frames_to_events(probs[r], t, self.labels, **postprocessing)
+                for r, t in zip(self.file_rows, self.timestamps)]
+
+    def validate(self, probs: np.ndarray) -> tuple[float, dict]:
+        """(primary score, postprocessing) with the postprocessing of the grid that scores best
+        (NaN scores last; on ties the later grid entry, as hear-eval-kit's reverse sort)."""
+        scored = [(event_score(self.names[0], self.refs, self.events(probs, post), self.labels), post)
+                  for post in POSTPROCESSING_GRID]
+        value, post = max(reversed(scored), key=lambda sp: -math.inf if math.isnan(sp[0]) else sp[0])
+        return value, post
+
+    def scores(self, probs: np.ndarray, postprocessing: dict) -> dict[str, float]:
+        estimated = self.events(probs, postprocessing)
+        return {name: event_score(name, self.refs, estimated, self.labels) for name in self.names}
+
+
 @dataclass
 class TrainedProbe:
     probe: nn.Module  # holding the weights of the best check
     valid_score: float
     epoch: int  # epoch of the best check
+    postprocessing: dict | None  # event tasks: the postprocessing chosen at the best check
 
 
 def minibatches(n: int, batch_size: int, device: torch.device) -> list[torch.Tensor | slice]:
@@ -406,15 +635,14 @@ def predict(probe: nn.Module, x: torch.Tensor, prediction_type: str) -> np.ndarr
     return probs.float().cpu().numpy()
 
 
-def train_probe(train: Split, valid: Split, prediction_type: str, score: str, dropout: float,
-                seed: int, cfg: ProbeConfig) -> TrainedProbe:
-    """Train one probe with early stopping on the validation `score`; keeps the best check."""
+def train_probe(train: Split, valid: Split, prediction_type: str, scorer: SceneScorer | EventScorer,
+                dropout: float, seed: int, cfg: ProbeConfig) -> TrainedProbe:
+    """Train one probe with early stopping on the primary validation score; keeps the best check."""
     torch.manual_seed(seed)
     probe = make_probe(train.x.shape[1], train.y.shape[1], dropout, cfg.hidden).to(train.x.device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=cfg.lr, fused=True)
     labels = train.y.argmax(1)
-    y_valid = valid.y.cpu().numpy()
-    best, best_state, best_epoch, bad_checks = -math.inf, None, 0, 0
+    best, best_state, best_epoch, best_post, bad_checks = -math.inf, None, 0, None, 0
     for epoch in range(1, cfg.max_epochs + 1):
         probe.train()
         for idx in minibatches(len(train.x), cfg.batch_size, train.x.device):
@@ -428,37 +656,49 @@ def train_probe(train: Split, valid: Split, prediction_type: str, score: str, dr
             optimizer.step()
         if epoch % cfg.check_every:
             continue
-        value = SCORES[score](predict(probe, valid.x, prediction_type), y_valid)
-        if value > best:
-            best, best_epoch, bad_checks = value, epoch, 0
+        value, postprocessing = scorer.validate(predict(probe, valid.x, prediction_type))
+        if value > best:  # a NaN score is never a gain
+            best, best_epoch, best_post, bad_checks = value, epoch, postprocessing, 0
             best_state = {k: v.detach().clone() for k, v in probe.state_dict().items()}
         else:
             bad_checks += 1
             if bad_checks >= cfg.patience:
                 break
     if best_state is None:
-        raise ValueError(f"no validation check ran: max_epochs {cfg.max_epochs} < check_every {cfg.check_every}")
+        raise ValueError(f"no validation check gave a score: max_epochs {cfg.max_epochs}, check_every "
+                         f"{cfg.check_every}, last score {value}")
     probe.load_state_dict(best_state)
-    return TrainedProbe(probe, best, best_epoch)
+    return TrainedProbe(probe, best, best_epoch, best_post)
 
 
-def evaluate_task(task: Task, embeddings: np.ndarray, items: list[tuple[str, str]], seed: int,
-                  cfg: ProbeConfig, device: str | torch.device = "cpu") -> dict:
+def row_targets(task: Task, emb: Embedded) -> np.ndarray:
+    """Targets (rows, labels) of the probe's examples: clip labels, or frame labels from events."""
+    if task.embedding_type == "scene":
+        return task.targets(emb.items)[emb.row_item]
+    return np.concatenate([task.frame_targets(item, emb.timestamps[emb.row_item == i])
+                           for i, item in enumerate(emb.items)])
+
+
+def evaluate_task(task: Task, emb: Embedded, seed: int, cfg: ProbeConfig, device: str | torch.device = "cpu") -> dict:
     """One seed of hear-eval-kit's procedure on a task: dropout chosen on the first split,
     one probe per split, test scores per split and their mean over folds."""
-    x_all = torch.from_numpy(embeddings).to(device)
-    y_all = torch.from_numpy(task.targets(items)).to(device)
-    split_of = np.array([split for split, _ in items])
+    x_all = torch.from_numpy(emb.x).to(device)
+    y_all = torch.from_numpy(row_targets(task, emb)).to(device)
+    split_of_row = np.array([split for split, _ in emb.items])[emb.row_item]
 
-    def subset(names: list[str], stats: tuple[torch.Tensor, torch.Tensor] | None) -> Split:
-        idx = torch.from_numpy(np.flatnonzero(np.isin(split_of, names))).to(device)
-        if len(idx) == 0:
+    def subset(names: list[str], stats: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[Split, np.ndarray]:
+        rows = np.flatnonzero(np.isin(split_of_row, names))
+        if len(rows) == 0:
             raise ValueError(f"{task.name}: no examples in split(s) {names}")
+        idx = torch.from_numpy(rows).to(device)
         x = x_all[idx] if stats is None else (x_all[idx] - stats[0]) / stats[1]
-        return Split(x, y_all[idx])
+        return Split(x, y_all[idx]), rows
 
-    def prepare(split: dict) -> tuple[Split, Split, Split]:
-        train = subset(split["train"], None)
+    def scorer(split: Split, rows: np.ndarray) -> SceneScorer | EventScorer:
+        return SceneScorer(task, split.y.cpu().numpy()) if task.embedding_type == "scene" else EventScorer(task, emb, rows)
+
+    def prepare(split: dict) -> tuple[Split, tuple[Split, np.ndarray], tuple[Split, np.ndarray]]:
+        train, _ = subset(split["train"], None)
         stats = (train.x.mean(0), train.x.std(0) + 1e-8) if cfg.standardize else None
         if stats is not None:
             train = Split((train.x - stats[0]) / stats[1], train.y)
@@ -468,15 +708,16 @@ def evaluate_task(task: Task, embeddings: np.ndarray, items: list[tuple[str, str
     splits = data_splits(task.metadata)
     folds, dropout = [], None
     for i, split in enumerate(splits):
-        train, valid, test = prepare(split)
+        train, (valid, valid_rows), (test, test_rows) = prepare(split)
+        valid_scorer = scorer(valid, valid_rows)
         choices = list(enumerate(cfg.dropouts)) if dropout is None else [(cfg.dropouts.index(dropout), dropout)]
-        trained = [(train_probe(train, valid, task.prediction_type, task.primary_score, p,
+        trained = [(train_probe(train, valid, task.prediction_type, valid_scorer, p,
                                 seed * 1000 + i * 10 + j, cfg), p) for j, p in choices]
         best, dropout = max(trained, key=lambda tp: tp[0].valid_score)  # first one on ties
         probs = predict(best.probe, test.x, task.prediction_type)
-        y_test = test.y.cpu().numpy()
         folds.append({"test": split["test"], "valid_score": best.valid_score, "epoch": best.epoch,
-                      "scores": {name: SCORES[name](probs, y_test) for name in task.metadata["evaluation"]}})
+                      "postprocessing": best.postprocessing,
+                      "scores": scorer(test, test_rows).scores(probs, best.postprocessing)})
     return {"seed": seed, "dropout": dropout, "folds": folds, "seconds": time.perf_counter() - start,
             "scores": {name: float(np.mean([f["scores"][name] for f in folds]))
                        for name in task.metadata["evaluation"]}}
@@ -492,8 +733,7 @@ def cpu_cores() -> int:
 def evaluate_cached(task: Task, cache: Path, seed: int, cfg: ProbeConfig, device: str) -> dict:
     """evaluate_task on the embeddings that task_embeddings cached: a probe process reads the
     file instead of receiving the arrays through a pipe."""
-    _, embeddings, items, _ = read_cache(cache)
-    return evaluate_task(task, embeddings, items, seed, cfg, device)
+    return evaluate_task(task, Embedded.load(cache), seed, cfg, device)
 
 
 def _start_worker(threads: int) -> None:
@@ -616,7 +856,7 @@ def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_see
             click.echo(f"skipping {path}: not a folder", err=True)
     try:
         tasks = [load_task(d) for d in task_dirs if Path(d).is_dir()]
-    except (ValueError, NotImplementedError, OSError) as error:
+    except (ValueError, KeyError, OSError) as error:
         raise click.ClickException(str(error)) from error
     if not tasks:
         raise click.ClickException("no task folders given")
@@ -635,9 +875,9 @@ def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_see
     for task in tasks:
         start = time.perf_counter()
         cache = out / "cache" / f"{task.name}.npz"
-        _, items, bad = task_embeddings(task, model, cache, memo)
-        embedded[task.name] = {"cache": cache, "examples": len(items), "bad_files": bad,
-                               "embedding_s": time.perf_counter() - start}
+        emb = task_embeddings(task, model, cache, memo)
+        embedded[task.name] = {"cache": cache, "examples": len(emb.items), "frames": len(emb.x),
+                               "bad_files": emb.bad, "embedding_s": time.perf_counter() - start}
     del memo, model
 
     # 2. Probes: one job per (task, seed), in parallel processes on a CPU.
@@ -664,6 +904,7 @@ def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_see
 def report_task(results: dict, task: Task, embedded: dict, runs: list[dict]) -> None:
     """Add a task's summary over seeds to `results` and print its line."""
     entry = {"task_dir": str(task.root), "primary": task.primary_score, "examples": embedded["examples"],
+             "frames": embedded["frames"],
              "bad_files": embedded["bad_files"], "scores": summarize(runs, task.metadata["evaluation"]),
              "runs": runs, "embedding_s": embedded["embedding_s"], "probe_s": sum(r["seconds"] for r in runs)}
     results["tasks"][task.name] = entry

@@ -146,9 +146,9 @@ def test_minibatches():
 @pytest.mark.parametrize("split_mode", ["new_split_kfold", "trainvaltest"])
 def test_probe_learns_tones(tmp_path, model, split_mode):
     task = evaluate.load_task(write_task(tmp_path / "tones", split_mode))
-    embeddings, items, bad = evaluate.task_embeddings(task, model, None, {})
-    assert embeddings.shape == (36, 960) and not bad
-    result = evaluate.evaluate_task(task, embeddings, items, seed=0, cfg=FAST)
+    emb = evaluate.task_embeddings(task, model, None, {})
+    assert emb.x.shape == (36, 960) and not emb.bad and len(emb.items) == 36
+    result = evaluate.evaluate_task(task, emb, seed=0, cfg=FAST)
     assert len(result["folds"]) == (3 if split_mode.endswith("kfold") else 1)
     assert result["scores"]["top1_acc"] >= 0.9
     assert result["dropout"] in (0.1, 0.25)
@@ -156,17 +156,9 @@ def test_probe_learns_tones(tmp_path, model, split_mode):
 
 def test_probe_cannot_learn_random_labels(tmp_path, model):
     task = evaluate.load_task(write_task(tmp_path / "random", shuffle_labels=True, seed=3, per_split=6))
-    embeddings, items, _ = evaluate.task_embeddings(task, model, None, {})
-    result = evaluate.evaluate_task(task, embeddings, items, seed=0, cfg=FAST)
+    emb = evaluate.task_embeddings(task, model, None, {})
+    result = evaluate.evaluate_task(task, emb, seed=0, cfg=FAST)
     assert result["scores"]["top1_acc"] < 0.7
-
-
-def test_event_tasks_are_refused(tmp_path):
-    root = write_task(tmp_path / "events", per_split=1)
-    meta = json.loads((root / "task_metadata.json").read_text())
-    (root / "task_metadata.json").write_text(json.dumps({**meta, "embedding_type": "event"}))
-    with pytest.raises(NotImplementedError, match="only scene tasks"):
-        evaluate.load_task(root)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -204,14 +196,6 @@ def test_cli_run_cache_and_score(tmp_path, model, monkeypatch):
     assert "| model | tones_a | tones_b | s(m) |" in table.output
 
 
-def test_cli_refuses_event_tasks(tmp_path):
-    root = write_task(tmp_path / "events", per_split=1)
-    meta = json.loads((root / "task_metadata.json").read_text())
-    (root / "task_metadata.json").write_text(json.dumps({**meta, "embedding_type": "event"}))
-    result = CliRunner().invoke(evaluate.cli, ["mwmae-tiny", str(root), "--out", str(tmp_path / "out")])
-    assert result.exit_code != 0 and "only scene tasks" in result.output
-
-
 def test_parallel_probes_equal_sequential(tmp_path, model):
     """(task, seed) jobs in 2 spawned processes give exactly what one process gives, in the
     same places of results.json (same threads, so the same arithmetic)."""
@@ -232,3 +216,161 @@ def test_parallel_probes_equal_sequential(tmp_path, model):
                       for name, task in report["tasks"].items()}
     assert [run["seed"] for run in runs[2]["tones_a"]] == [0, 1, 2]
     assert runs[1] == runs[2]
+
+
+# ----------------------------------------------------------------------------- event tasks
+
+def write_event_task(root, files_per_split=3, seconds=4.0, rate=16000, seed=0):
+    """A HEAR event task: noisy silence with 0.3-0.8 s tone bursts, 'low' (300 Hz) or 'high'
+    (4 kHz), two or three per file, at random times."""
+    rng = np.random.default_rng(seed)
+    splits = ["train", "valid", "test"]
+    root.mkdir(parents=True)
+    meta = {"task_name": root.name, "embedding_type": "event", "prediction_type": "multilabel",
+            "split_mode": "trainvaltest", "evaluation": ["event_onset_200ms_fms", "segment_1s_er"], "splits": splits}
+    (root / "task_metadata.json").write_text(json.dumps(meta))
+    (root / "labelvocabulary.csv").write_text("idx,label\n0,low\n1,high\n")
+    t = np.arange(int(seconds * rate)) / rate
+    for split in splits:
+        (root / str(rate) / split).mkdir(parents=True)
+        events = {}
+        for i in range(files_per_split):
+            wave = 0.01 * rng.standard_normal(len(t))
+            name, events[f"clip{i}.wav"] = f"clip{i}.wav", []
+            for slot in range(int(rng.integers(2, 4))):  # one burst per 1.3-s slot, no overlaps
+                start = slot * 1.3 + rng.uniform(0.0, 0.4)
+                end = start + rng.uniform(0.3, 0.8)
+                label = str(rng.choice(["low", "high"]))
+                on = (t >= start) & (t < end)
+                wave[on] += 0.3 * np.sin(2 * np.pi * (300.0 if label == "low" else 4000.0) * t[on])
+                events[name].append({"label": label, "start": start * 1000, "end": end * 1000})
+            sf.write(root / str(rate) / split / name, wave.astype(np.float32), rate)
+        (root / f"{split}.json").write_text(json.dumps(events))
+    return root
+
+
+def test_median_filter_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")  # scipy comes with librosa
+    rng = np.random.default_rng(0)
+    for frames in (1, 2, 3, 5, 8, 40):
+        x = rng.random((frames, 3))
+        for width in (1, 2, 3, 6, 7, 12):
+            np.testing.assert_array_equal(evaluate.median_filter(x, width),
+                                          ndimage.median_filter(x, size=(width, 1)), err_msg=f"{frames} {width}")
+
+
+def test_frames_to_events():
+    stamps = np.arange(10) * 40.0 + 15  # 15, 55, ... ms
+    probs = np.zeros((10, 2))
+    probs[2:6, 0] = 0.9  # a 4-frame run: 95..215 ms, 120 ms long
+    probs[8, 0] = 0.9  # a lone frame: 0 ms long
+    probs[1:9, 1] = [0.9, 0.9, 0.2, 0.9, 0.9, 0.9, 0.9, 0.9]  # one dip
+    events = evaluate.frames_to_events(probs, stamps, ["a", "b"], median_filter_ms=0, min_duration=100)
+    # b's first run (55-95 ms, 40 ms) and a's lone frame are shorter than 100 ms
+    assert events == [{"label": "a", "start": 95.0, "end": 215.0}, {"label": "b", "start": 175.0, "end": 335.0}]
+    smoothed = evaluate.frames_to_events(probs, stamps, ["a", "b"], median_filter_ms=120, min_duration=0)
+    assert {"label": "b", "start": 55.0, "end": 335.0} in smoothed  # the median of 3 fills the dip
+    assert not any(e["label"] == "a" and e["start"] == e["end"] for e in smoothed)  # and drops the lone frame
+
+
+def test_frame_targets(tmp_path):
+    task = evaluate.load_task(write_event_task(tmp_path / "ev", files_per_split=1))
+    item = ("train", "clip0.wav")
+    stamps = np.arange(100) * 40.0 + 15
+    y = task.frame_targets(item, stamps)
+    for event in task.events(*item):
+        c = task.labels.index(event["label"])
+        inside = (stamps >= event["start"]) & (stamps <= event["end"])
+        assert y[inside, c].all() and inside.any()
+    assert y.sum() == sum(((stamps >= e["start"]) & (stamps <= e["end"])).sum() for e in task.events(*item))
+
+
+def random_events(rng, n, labels, length_s=10.0):
+    events = []
+    for _ in range(n):
+        start = rng.uniform(0, length_s - 0.2)
+        events.append({"label": str(rng.choice(labels)), "start": round(start * 1000, 1),
+                       "end": round((start + rng.uniform(0.05, 2.0)) * 1000, 1)})
+    return events
+
+
+def test_event_scores_match_sed_eval():
+    """Our event F-measures and segment error rate against sed_eval 0.2.1 itself, called the
+    way hear-eval-kit calls it (one evaluate() per file, overall metrics)."""
+    sed_eval = pytest.importorskip("sed_eval")
+    from dcase_util.containers import MetaDataContainer
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c"]
+    for trial in range(20):
+        refs = [random_events(rng, int(rng.integers(1, 8)), labels) for _ in range(4)]
+        # estimates: jittered copies of some references, plus false alarms (a file may get none)
+        ests = []
+        for ref in refs:
+            est = [{**e, "start": e["start"] + rng.normal(0, 150), "end": e["end"] + rng.normal(0, 300)}
+                   for e in ref if rng.random() < 0.7]
+            est = [e for e in est if e["end"] > e["start"] > 0] + random_events(rng, int(rng.integers(0, 3)), labels)
+            ests.append([] if trial % 7 == 3 else est)
+
+        def container(files):
+            return MetaDataContainer([{"event_label": e["label"], "event_onset": e["start"] / 1000.0,
+                                       "event_offset": e["end"] / 1000.0, "file": f"f{i}"}
+                                      for i, events in enumerate(files) for e in events])
+
+        for name, score in evaluate.EVENT_SCORES.items():
+            if score.kind == "event":
+                metric = sed_eval.sound_event.EventBasedMetrics(
+                    event_label_list=labels, evaluate_onset=True, evaluate_offset=score.evaluate_offset,
+                    t_collar=score.t_collar, percentage_of_length=score.percentage_of_length)
+            else:
+                metric = sed_eval.sound_event.SegmentBasedMetrics(event_label_list=labels,
+                                                                 time_resolution=score.time_resolution)
+            reference, estimated = container(refs), container(ests)
+            for i in range(len(refs)):
+                metric.evaluate(reference_event_list=reference.filter(filename=f"f{i}"),
+                                estimated_event_list=estimated.filter(filename=f"f{i}"))
+            overall = metric.results_overall_metrics()
+            expected = overall["f_measure"]["f_measure"] if score.kind == "event" else overall["error_rate"]["error_rate"]
+            ours = evaluate.event_score(name, refs, ests, labels)
+            if math.isnan(expected):
+                assert math.isnan(ours), (trial, name)
+            else:
+                assert ours == pytest.approx(expected, abs=1e-12), (trial, name)
+
+
+def test_matching_is_maximum():
+    """A greedy first-come matching would give 1 here; the maximum is 2."""
+    hits = np.array([[True, True], [True, False]])
+    assert evaluate.matching_size(hits) == 2
+    assert evaluate.matching_size(np.zeros((3, 0), bool)) == 0
+
+
+def test_event_task_end_to_end(tmp_path, model):
+    """An event task through the command line: timestamp embeddings, frame probes, events,
+    sed_eval-style scores; the tones are easy, so the onsets are found."""
+    root = write_event_task(tmp_path / "bursts")
+    checkpoint = tmp_path / "model.safetensors"
+    mae.save_pretrained(model.mae, checkpoint)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(evaluate.cli, [str(checkpoint), str(root), "--seeds", "2", "--max-epochs", "60",
+                                               "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())["tasks"]["bursts"]
+    assert report["primary"] == "event_onset_200ms_fms" and report["frames"] == 9 * 100
+    fold = report["runs"][0]["folds"][0]
+    assert fold["postprocessing"] in [dict(p) for p in evaluate.POSTPROCESSING_GRID]
+    assert report["scores"]["event_onset_200ms_fms"]["mean"] >= 0.5
+    assert 0 <= report["scores"]["segment_1s_er"]["mean"] < 1.0
+
+
+def test_event_task_checks(tmp_path):
+    root = write_event_task(tmp_path / "ev", files_per_split=1)
+    meta = json.loads((root / "task_metadata.json").read_text())
+    (root / "task_metadata.json").write_text(json.dumps({**meta, "evaluation": ["segment_1s_er"]}))
+    with pytest.raises(ValueError, match="error rate"):
+        evaluate.load_task(root)
+    (root / "task_metadata.json").write_text(json.dumps({**meta, "evaluation": ["top1_acc"]}))
+    with pytest.raises(ValueError, match="not supported for event tasks"):
+        evaluate.load_task(root)
+    (root / "task_metadata.json").write_text(json.dumps({**meta, "prediction_type": "multiclass"}))
+    with pytest.raises(ValueError, match="multilabel"):
+        evaluate.load_task(root)
