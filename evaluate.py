@@ -131,10 +131,7 @@ class Task:
         """Scene tasks: multi-hot (one-hot for multiclass) float32 targets (N, labels)."""
         y = np.zeros((len(items), len(self.labels)), np.float32)
         for row, (split, file) in enumerate(items):
-            labels = self.splits[split][file]
-            if self.prediction_type == "multiclass" and len(labels) != 1:
-                raise ValueError(f"{self.name}: {split}/{file} has {len(labels)} labels in a multiclass task")
-            for label in labels:
+            for label in self.splits[split][file]:
                 y[row, self.label_index(label, f"{split}/{file}")] = 1.0
         return y
 
@@ -191,7 +188,29 @@ def load_task(task_dir: str | Path) -> Task:
         raise ValueError(f"{root}: labelvocabulary.csv indices are not 0..{len(rows) - 1}")
     splits = {s: json.loads((root / f"{s}.json").read_text()) for s in metadata["splits"]}
     data_splits(metadata)  # refuse an unknown split mode early
-    return Task(root, metadata, [label for _, label in rows], splits)
+    task = Task(root, metadata, [label for _, label in rows], splits)
+    check_labels(task)
+    return task
+
+
+def check_labels(task: Task) -> None:
+    """Refuse labels missing from the vocabulary, multiclass files without exactly one label
+    and malformed events, before any embedding is computed."""
+    for split, files in task.splits.items():
+        for file, labels in files.items():
+            where = f"{split}/{file}"
+            if task.embedding_type == "scene":
+                if task.prediction_type == "multiclass" and len(labels) != 1:
+                    raise ValueError(f"{task.name}: {where} has {len(labels)} labels in a multiclass task")
+                for label in labels:
+                    task.label_index(label, where)
+                continue
+            for event in labels:
+                if not isinstance(event, dict) or not {"label", "start", "end"} <= set(event):
+                    raise ValueError(f"{task.name}: {where}: events need label, start and end (ms), got {event!r}")
+                if not event["start"] <= event["end"]:
+                    raise ValueError(f"{task.name}: {where}: an event ends before it starts: {event!r}")
+                task.label_index(event["label"], where)
 
 
 def data_splits(metadata: dict) -> list[dict[str, list[str]]]:
@@ -875,7 +894,10 @@ def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_see
     for task in tasks:
         start = time.perf_counter()
         cache = out / "cache" / f"{task.name}.npz"
-        emb = task_embeddings(task, model, cache, memo)
+        try:
+            emb = task_embeddings(task, model, cache, memo)
+        except ValueError as error:  # no readable audio at all
+            raise click.ClickException(str(error)) from error
         embedded[task.name] = {"cache": cache, "examples": len(emb.items), "frames": len(emb.x),
                                "bad_files": emb.bad, "embedding_s": time.perf_counter() - start}
     del memo, model
@@ -885,15 +907,18 @@ def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_see
     workers = n_jobs or (min(cpu_cores(), len(jobs)) if device == "cpu" else 1)
     probe_threads = threads or max(1, cpu_cores() // workers)
     start, done = time.perf_counter(), {task.name: [] for task in tasks}
-    for index, run_result in tqdm(run_probes(jobs, workers, probe_threads), total=len(jobs),
-                                  desc=f"probes ({workers} processes)", unit="seed"):
-        task = jobs[index][0]
-        done[task.name].append(run_result)
-        if len(done[task.name]) == seeds:
-            report_task(results, task, embedded[task.name], sorted(done[task.name], key=lambda r: r["seed"]))
-            results["tasks"] = {t.name: results["tasks"][t.name] for t in tasks if t.name in results["tasks"]}
-            write_json(out / "results.json", results)
-            write_text(out / "results.md", results_markdown(results))
+    probes = run_probes(jobs, workers, probe_threads)
+    try:
+        for index, run_result in tqdm(probes, total=len(jobs), desc=f"probes ({workers} processes)", unit="seed"):
+            task = jobs[index][0]
+            done[task.name].append(run_result)
+            if len(done[task.name]) == seeds:
+                report_task(results, task, embedded[task.name], sorted(done[task.name], key=lambda r: r["seed"]))
+                results["tasks"] = {t.name: results["tasks"][t.name] for t in tasks if t.name in results["tasks"]}
+                write_json(out / "results.json", results)
+                write_text(out / "results.md", results_markdown(results))
+    except ValueError as error:  # e.g. a split left without readable files; finished tasks are saved
+        raise click.ClickException(str(error)) from error
     results["probe_wall_s"] = time.perf_counter() - start
     results["probe_processes"], results["probe_threads"] = workers, probe_threads
     write_json(out / "results.json", results)

@@ -374,3 +374,33 @@ def test_event_task_checks(tmp_path):
     (root / "task_metadata.json").write_text(json.dumps({**meta, "prediction_type": "multiclass"}))
     with pytest.raises(ValueError, match="multilabel"):
         evaluate.load_task(root)
+
+
+def test_bad_labels_are_refused_before_embedding(tmp_path):
+    root = write_task(tmp_path / "tones", per_split=1)
+    labels = json.loads((root / "fold00.json").read_text())
+    for bad, message in ([["nope"], "not in labelvocabulary"], [["low", "mid"], "2 labels in a multiclass task"]):
+        (root / "fold00.json").write_text(json.dumps({**labels, "low_0.wav": bad}))
+        with pytest.raises(ValueError, match=message):
+            evaluate.load_task(root)
+    events = write_event_task(tmp_path / "ev", files_per_split=1)
+    good = json.loads((events / "train.json").read_text())
+    for bad, message in ([{"label": "low", "start": 10.0}], "need label, start and end"), \
+                        ([{"label": "low", "start": 10.0, "end": 5.0}], "ends before it starts"), \
+                        ([{"label": "x", "start": 0.0, "end": 5.0}], "not in labelvocabulary"):
+        (events / "train.json").write_text(json.dumps({**good, "clip0.wav": bad}))
+        with pytest.raises(ValueError, match=message):
+            evaluate.load_task(events)
+
+
+def test_cli_split_without_readable_audio(tmp_path, model):
+    """Every test file unreadable: a one-line error, not a traceback."""
+    root = write_task(tmp_path / "tones", "trainvaltest", per_split=1)
+    for path in (root / "16000" / "test").iterdir():
+        path.write_bytes(b"not audio")
+    checkpoint = tmp_path / "model.safetensors"
+    mae.save_pretrained(model.mae, checkpoint)
+    result = CliRunner().invoke(evaluate.cli, [str(checkpoint), str(root), "--seeds", "1", "--max-epochs", "3",
+                                               "--device", "cpu", "--jobs", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "no examples in split(s) ['test']" in result.output
+    assert not isinstance(result.exception, ValueError)
