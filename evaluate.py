@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -122,10 +123,14 @@ class Task:
     def audio_path(self, split: str, file: str) -> Path:
         return audio_root(self.root) / split / file
 
+    @functools.cached_property
+    def label_ids(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
     def label_index(self, label, where: str) -> int:
-        if str(label) not in self.labels:
+        if str(label) not in self.label_ids:
             raise ValueError(f"{self.name}: label {label!r} of {where} is not in labelvocabulary.csv")
-        return self.labels.index(str(label))
+        return self.label_ids[str(label)]
 
     def targets(self, items: list[tuple[str, str]]) -> np.ndarray:
         """Scene tasks: multi-hot (one-hot for multiclass) float32 targets (N, labels)."""
@@ -585,6 +590,11 @@ class Split:
     y: torch.Tensor  # (N, labels) multi-hot float
 
 
+def file_runs(row_item: np.ndarray) -> list[np.ndarray]:
+    """Positions of each file's rows in `row_item`, file by file (a file's rows are consecutive)."""
+    return np.split(np.arange(len(row_item)), np.flatnonzero(np.diff(row_item)) + 1)
+
+
 class SceneScorer:
     """The task's scores of a split's clip predictions."""
 
@@ -604,10 +614,10 @@ class EventScorer:
 
     def __init__(self, task: Task, emb: Embedded, rows: np.ndarray):
         self.names, self.labels = task.metadata["evaluation"], task.labels
-        files = emb.row_item[rows]
-        self.file_rows = [np.flatnonzero(files == f) for f in np.unique(files)]  # positions in the split
-        self.timestamps = [emb.timestamps[rows][r] for r in self.file_rows]
-        self.refs = [task.events(*emb.items[f]) for f in np.unique(files)]
+        files, stamps = emb.row_item[rows], emb.timestamps[rows]
+        self.file_rows = file_runs(files)  # positions in the split
+        self.timestamps = [stamps[r] for r in self.file_rows]
+        self.refs = [task.events(*emb.items[files[r[0]]]) for r in self.file_rows]
 
     def events(self, probs: np.ndarray, postprocessing: dict) -> list[list[dict]]:
         return [frames_to_events(probs[r], t, self.labels, **postprocessing)
@@ -694,8 +704,8 @@ def row_targets(task: Task, emb: Embedded) -> np.ndarray:
     """Targets (rows, labels) of the probe's examples: clip labels, or frame labels from events."""
     if task.embedding_type == "scene":
         return task.targets(emb.items)[emb.row_item]
-    return np.concatenate([task.frame_targets(item, emb.timestamps[emb.row_item == i])
-                           for i, item in enumerate(emb.items)])
+    return np.concatenate([task.frame_targets(emb.items[emb.row_item[r[0]]], emb.timestamps[r])
+                           for r in file_runs(emb.row_item)])
 
 
 def evaluate_task(task: Task, emb: Embedded, seed: int, cfg: ProbeConfig, device: str | torch.device = "cpu") -> dict:
