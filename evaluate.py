@@ -932,6 +932,7 @@ def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_see
     results["probe_wall_s"] = time.perf_counter() - start
     results["probe_processes"], results["probe_threads"] = workers, probe_threads
     write_json(out / "results.json", results)
+    write_text(out / "results.md", results_markdown(results))
     click.echo(results_markdown(results))
     click.echo(f"written: {out / 'results.json'}, {out / 'results.md'}")
 
