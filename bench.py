@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import embed
+import files
 import mae
 import train
 from attention import Attention, MultiWindowAttention, set_backend, window_sizes
@@ -561,7 +562,7 @@ def main(quick: bool, device: str, json_path: str | None, threads: int | None, s
     results = run_benchmarks(cfg, device, echo=lambda msg: click.echo(msg, err=True))
     click.echo(format_report(results))
     if json_path:
-        mae.atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        files.atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
         click.echo(f"wrote {json_path}", err=True)
 
 

@@ -60,6 +60,7 @@ from torch import nn
 from tqdm import tqdm
 
 import data
+import files
 import mae
 
 SAMPLE_RATE = data.SAMPLE_RATE
@@ -299,21 +300,21 @@ def pick_device(device: str) -> str:
 
 def write_bad_files(path: Path, bad: dict[str, str]) -> None:
     text = "".join(f"{name}\t{reason}\n" for name, reason in sorted(bad.items()))
-    mae.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, array)
-    mae.atomic_write(path, write)
+    files.atomic_write(path, write)
 
 
 def save_npz(path: Path, **arrays) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-    mae.atomic_write(path, write)
+    files.atomic_write(path, write)
 
 
 @click.command()
@@ -348,10 +349,10 @@ def main(model_path, audio_dirs, out, timestamps, batch_size, device, layout, se
         rows = [embedding.cpu().numpy() for _, embedding in scene_embeddings(clips, model)]
     embeddings = np.stack(rows) if rows else np.zeros((0, model.scene_embedding_size), np.float32)
     save_npy(out / "embeddings.npy", embeddings.astype(np.float32))
-    mae.atomic_write(out / "files.txt", lambda tmp: Path(tmp).write_text("".join(f"{p}\n" for p in good)))
+    files.atomic_write(out / "files.txt", lambda tmp: Path(tmp).write_text("".join(f"{p}\n" for p in good)))
     write_bad_files(out / "bad_files.tsv", bad)
     description = json.dumps(model.describe(), indent=1) + "\n"
-    mae.atomic_write(out / "model.json", lambda tmp: Path(tmp).write_text(description))
+    files.atomic_write(out / "model.json", lambda tmp: Path(tmp).write_text(description))
     click.echo(f"{len(good)} files embedded -> {out / 'embeddings.npy'} {embeddings.shape}; "
                f"{len(bad)} bad files skipped (listed in {out / 'bad_files.tsv'})")
 

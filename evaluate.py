@@ -86,7 +86,7 @@ from torch import nn
 from tqdm import tqdm
 
 import embed
-import mae
+import files
 
 CACHE_VERSION = 2
 
@@ -834,11 +834,11 @@ def score_markdown(table: dict[str, dict[str, float]], overall: dict[str, float]
 
 def write_json(path: Path, value) -> None:
     text = json.dumps(value, indent=1, allow_nan=True) + "\n"
-    mae.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_text(path: Path, text: str) -> None:
-    mae.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -17,8 +17,6 @@ safetensors files holding the weights and the config (`save_pretrained`,
 """
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import files
 from attention import Attention, MultiWindowAttention, window_sizes
 
 LN_EPS = 1e-6  # both releases use LayerNorm eps 1e-6
@@ -372,21 +371,20 @@ class MAE(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path), then rename tmp over path: a crash never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual mode
+class CheckpointError(ValueError):
+    """A model file that cannot be loaded: the message names the file and what is wrong."""
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A training checkpoint (a torch file of tensors and plain containers), read with
+    weights_only=True: nothing pickled is executed. Any problem raises CheckpointError."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or not {"config", "model"} <= checkpoint.keys():
+        raise CheckpointError(f"{path}: not a checkpoint of this project (needs 'config' and 'model')")
+    return checkpoint
 
 
 def save_pretrained(model: MAE, path: str | Path) -> None:
@@ -395,7 +393,7 @@ def save_pretrained(model: MAE, path: str | Path) -> None:
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "mwmae-torch", "config": json.dumps(model.cfg.to_dict())}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    files.atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> MAE:
@@ -414,9 +412,7 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
             raise ValueError(f"{path}: safetensors file without a model config (not written by save_pretrained)")
         config, state = json.loads(metadata["config"]), load_file(str(path), device=str(map_location))
     else:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(checkpoint, dict) or not {"config", "model"} <= checkpoint.keys():
-            raise ValueError(f"{path}: not a checkpoint of this project (needs 'config' and 'model')")
+        checkpoint = read_checkpoint(path, map_location)
         config, state = checkpoint["config"], checkpoint["model"]
     model = MAE(MAEConfig(**config))
     model.load_state_dict(state)

@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import files
 import mae
 
 NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")  # besides 1-D tensors
@@ -196,14 +197,14 @@ def to_cpu(state):
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
     state = to_cpu(checkpoint)
-    mae.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    files.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop the lines logged after `step` (by a run that died after its last checkpoint)."""
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        mae.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{x}\n" for x in lines)))
+        files.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{x}\n" for x in lines)))
 
 
 def unpatchify(patches: torch.Tensor, cfg: mae.MAEConfig) -> torch.Tensor:
@@ -238,7 +239,7 @@ def save_reconstruction(model: mae.MAE, x: torch.Tensor, noise: torch.Tensor, pa
         ax.set_xlabel("frame (10 ms)")
     axes[0].set_ylabel("mel bin")
     figure.suptitle(title)
-    mae.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+    files.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -357,7 +358,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
             if not resume:
                 raise click.ClickException(f"{checkpoint_path} exists: pass --resume to continue "
                                            "that run, or choose another --out")
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            checkpoint = mae.read_checkpoint(checkpoint_path)
         elif resume:
             echo(f"--resume: no {checkpoint_path} yet, so starting a new run")
         cfg = (mae.MAEConfig(**checkpoint["config"]) if checkpoint
