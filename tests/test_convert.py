@@ -9,14 +9,14 @@ from click.testing import CliRunner
 import convert
 import mae
 from test_convert_readers import fake_ml_collections, official_layout_checkpoint  # noqa: F401 (fixture)
-from test_mae import FIXTURES, SMALL, compare, load, official_audiomaepp_layout, run
+from test_mae import FIXTURES, MWMAE_CHECKPOINT, SMALL, compare, init_params, load, official_audiomaepp_layout, run
 
 
 @pytest.fixture
 def mwmae_checkpoint(tmp_path):
     """The official save function's file, unpacked from the fixture's gzip."""
     path = tmp_path / "checkpoint_0"
-    with gzip.open(FIXTURES / "mwmae_jax/mwmae/checkpoint/checkpoint_0.gz") as src, open(path, "wb") as dst:
+    with gzip.open(MWMAE_CHECKPOINT) as src, open(path, "wb") as dst:
         shutil.copyfileobj(src, dst)
     return path
 
@@ -49,7 +49,7 @@ def test_audiomaepp_release_converts_to_the_official_numbers(tmp_path, fake_ml_c
 
 
 def test_mae_release_config_is_inferred():
-    state = convert.flax_to_state_dict(load("mwmae_jax/mae/params.npz"))
+    state = convert.flax_to_state_dict(init_params("mae"))
     assert convert.infer_config(state) == mae.preset_config("mae-tiny", **SMALL)
 
 

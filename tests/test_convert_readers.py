@@ -19,17 +19,10 @@ import torch
 
 import convert
 from convert import UnsafeCheckpointError, read_flax_checkpoint, read_torch_checkpoint
+from test_mae import FIXTURES, MWMAE_CHECKPOINT, sha256
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MWMAE = SHARED / "fixtures" / "mwmae_jax"
-AUDIOMAEPP = SHARED / "fixtures" / "audiomaepp"
-CHECKPOINT_GZ = MWMAE / "mwmae" / "checkpoint" / "checkpoint_0.gz"
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"fixture {path} not available")
-    return path
+MWMAE = FIXTURES / "mwmae_jax"
+AUDIOMAEPP = FIXTURES / "audiomaepp"
 
 
 # ---------------------------------------------------------------------------
@@ -50,28 +43,29 @@ def write_msgpack(path: Path, tree) -> Path:
 
 @pytest.fixture(scope="module")
 def mwmae_checkpoint():
-    return read_flax_checkpoint(need(CHECKPOINT_GZ))
+    return read_flax_checkpoint(MWMAE_CHECKPOINT)
 
 
 def test_flax_checkpoint_holds_the_perturbed_params(mwmae_checkpoint):
-    ref = np.load(need(MWMAE / "mwmae" / "params.npz"))
+    """Against the official init params, known by each tensor's shape and SHA-256."""
+    ref = json.loads((MWMAE / "mwmae" / "params_sha256.json").read_text())
     perturbed = set(json.loads((MWMAE / "summary.json").read_text())["models"]["mwmae"]["perturbed_keys"])
     assert perturbed, "summary.json lists no perturbed keys"
-    assert sorted(mwmae_checkpoint) == sorted(ref.files)
-    assert perturbed <= set(ref.files)
+    assert sorted(mwmae_checkpoint) == sorted(ref)
+    assert perturbed <= set(ref)
     for key, value in mwmae_checkpoint.items():
-        assert value.dtype == np.float32 and value.shape == ref[key].shape, key
+        assert value.dtype == np.float32 and list(value.shape) == ref[key]["shape"], key
         if key in perturbed:
-            assert not np.array_equal(value, ref[key]), f"{key} should be perturbed"
+            assert sha256(value) != ref[key]["sha256"], f"{key} should be perturbed"
         else:
-            assert np.array_equal(value, ref[key]), f"{key} differs from params.npz"
+            assert sha256(value) == ref[key]["sha256"], f"{key} differs from the init params"
     # Position embeddings are trainable params in the release and sit in the checkpoint.
     assert {"pos_embed", "decoder_pos_embed"} <= set(mwmae_checkpoint)
 
 
 def test_flax_reader_plain_file_equals_gzip(tmp_path, mwmae_checkpoint):
-    manifest = json.loads(need(MWMAE / "mwmae" / "checkpoint_manifest.json").read_text())
-    raw = gzip.decompress(CHECKPOINT_GZ.read_bytes())
+    manifest = json.loads((MWMAE / "mwmae" / "checkpoint_manifest.json").read_text())
+    raw = gzip.decompress(MWMAE_CHECKPOINT.read_bytes())
     assert hashlib.sha256(raw).hexdigest() == manifest["sha256"]
     plain = tmp_path / "checkpoint_0"
     plain.write_bytes(raw)
@@ -82,9 +76,7 @@ def test_flax_reader_plain_file_equals_gzip(tmp_path, mwmae_checkpoint):
 
 @pytest.mark.parametrize("model", ["mwmae", "mae"])
 def test_flax_reader_decodes_bf16_release_payloads(tmp_path, model):
-    manifest = json.loads(
-        need(MWMAE / model / "checkpoint_manifest_bf16_release_precision.json").read_text()
-    )
+    manifest = json.loads((MWMAE / model / "checkpoint_manifest_bf16_release_precision.json").read_text())
     payloads = manifest["bfloat16_leaf_ext_payload_b64"]
     expected = manifest["bfloat16_leaf_values_as_float32"]
     shapes = {leaf["path"]: leaf["shape"] for leaf in manifest["leaves"] if "shape" in leaf}
@@ -229,7 +221,7 @@ def official_layout_checkpoint(state_dict, ml):
 
 
 def test_torch_reader_official_training_checkpoint(tmp_path, fake_ml_collections):
-    state_dict = torch.load(need(AUDIOMAEPP / "state_dict.pt"), map_location="cpu", weights_only=True)
+    state_dict = torch.load(AUDIOMAEPP / "state_dict.pt", map_location="cpu", weights_only=True)
     path = tmp_path / "checkpoint-99.pth"
     torch.save(official_layout_checkpoint(state_dict, fake_ml_collections), path)
     for name in list(sys.modules):  # the reader must not need the fake modules
@@ -258,7 +250,7 @@ def test_torch_reader_official_training_checkpoint(tmp_path, fake_ml_collections
 
 
 def test_torch_reader_plain_state_dict():
-    path = need(AUDIOMAEPP / "state_dict.pt")
+    path = AUDIOMAEPP / "state_dict.pt"
     weights = read_torch_checkpoint(path)
     ref = torch.load(path, map_location="cpu", weights_only=True)
     assert list(weights) == list(ref) and all(torch.equal(weights[k], ref[k]) for k in ref)
@@ -349,7 +341,7 @@ def test_refusal_names_the_global(tmp_path):
 
 def test_stand_ins_are_not_left_allowlisted(tmp_path):
     before = set(map(repr, torch.serialization.get_safe_globals()))
-    read_torch_checkpoint(need(AUDIOMAEPP / "state_dict.pt"))
+    read_torch_checkpoint(AUDIOMAEPP / "state_dict.pt")
     assert set(map(repr, torch.serialization.get_safe_globals())) == before
 
 

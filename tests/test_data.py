@@ -9,22 +9,15 @@ import torch
 
 import data
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TASKS = SHARED / "tasks"
+CLIPS = Path(__file__).resolve().parent / "fixtures" / "audio"
 EPS = np.finfo(np.float32).eps
 
 
 def real_clips() -> list[Path]:
-    """A few real 16 kHz clips: speech, a drum stroke zero-padded at the end, a spoken digit."""
-    patterns = [
-        "ravdess_emotion-v1.0-full/16000/fold00/*.flac",
-        "mridangam_stroke-v1.0-full/16000/fold00/*.flac",
-        "fsdd-v1.0-full/16000/fold00/*.flac",
-    ]
-    clips = [sorted(TASKS.glob(pattern))[0] for pattern in patterns if any(TASKS.glob(pattern))]
-    if not clips:
-        pytest.skip(f"no shared audio under {TASKS}")
-    return clips
+    """Real 16 kHz clips (fixtures/audio/README.md): a spoken word, a spoken digit upsampled
+    from 8 kHz, a drum stroke zero-padded at the end, background noise."""
+    names = ["speech_commands_yes.flac", "fsdd_seven.flac", "mridangam_tham.flac", "speech_commands_background.flac"]
+    return [CLIPS / name for name in names]
 
 
 def librosa_log_mel(audio: np.ndarray, htk: bool = True, eps: float = EPS) -> np.ndarray:

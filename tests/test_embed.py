@@ -13,7 +13,7 @@ import data
 import embed
 import mae
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SMALL = dict(depth=1, decoder_depth=1, decoder_dim=64)
 
 

@@ -1,10 +1,12 @@
-"""MAE / MW-MAE / AudioMAE++ against outputs of the authors' official code (../shared/fixtures).
+"""MAE / MW-MAE / AudioMAE++ against outputs of the authors' official code (tests/fixtures).
 
 Tolerances: 1e-5 absolute for MW-MAE and MAE, 2e-5 for AudioMAE++ (fixtures/README.md): the
 official outputs are float32; an independent float64 re-implementation lands within 2.5e-6
 (4.9e-6 for AudioMAE++), and the tolerance still catches an LN eps of 1e-5 (3e-5), exact GELU
 (5.7e-4) and mis-mapped biases, LayerNorms or bias tables (> 0.2), as the sensitivity tests show.
 """
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +16,35 @@ import torch
 import convert
 import mae
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MWMAE_CHECKPOINT = FIXTURES / "mwmae_jax/mwmae/checkpoint/checkpoint_0.gz"
 SMALL = dict(depth=2, decoder_dim=128, decoder_depth=2)  # the fixtures' small official configs
 
 
 def load(path):
     return dict(np.load(FIXTURES / path))
+
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def init_params(model: str) -> dict:
+    """The official init params of "mwmae" or "mae". Parameters that exist twice are stored
+    once (fixtures/README.md): MW-MAE's are the checkpoint's except the perturbed ones, MAE's
+    equal MW-MAE's where the shared seed made them equal. Each rebuilt tensor is checked
+    against the SHA-256 of the original file's tensor, so the parity tests see exactly it."""
+    if model == "mwmae":
+        params = {**convert.read_flax_checkpoint(MWMAE_CHECKPOINT),
+                  **load("mwmae_jax/mwmae/params_init_of_perturbed_keys.npz")}
+    else:
+        params = {**init_params("mwmae"), **load("mwmae_jax/mae/params_not_in_mwmae.npz")}
+    expected = json.loads((FIXTURES / f"mwmae_jax/{model}/params_sha256.json").read_text())
+    params = {key: params[key] for key in expected}
+    for key, value in params.items():
+        assert [list(value.shape), value.dtype.name, sha256(value)] == \
+            [expected[key]["shape"], expected[key]["dtype"], expected[key]["sha256"]], key
+    return params
 
 
 def mwmae_jax_model(name: str, params: dict, **overrides) -> mae.MAE:
@@ -73,13 +98,13 @@ def compare(ours: dict, ref, tol: float) -> float:
 def mwmae_io(perturbed: bool):
     io = load("mwmae_jax/mwmae/io.npz")
     if perturbed:  # the perturbed weights are the ones inside the official checkpoint file
-        params = convert.read_flax_checkpoint(FIXTURES / "mwmae_jax/mwmae/checkpoint/checkpoint_0.gz")
+        params = convert.read_flax_checkpoint(MWMAE_CHECKPOINT)
         return params, load("mwmae_jax/mwmae/io_perturbed.npz"), io
-    return load("mwmae_jax/mwmae/params.npz"), io, io
+    return init_params("mwmae"), io, io
 
 
 def mae_io(perturbed: bool):
-    io, params = load("mwmae_jax/mae/io.npz"), load("mwmae_jax/mae/params.npz")
+    io, params = load("mwmae_jax/mae/io.npz"), init_params("mae")
     if perturbed:
         return {**params, **load("mwmae_jax/mae/params_perturbed_override.npz")}, load("mwmae_jax/mae/io_perturbed.npz"), io
     return params, io, io
@@ -175,7 +200,7 @@ def test_parity_detects_wrong_numerics(monkeypatch):
 def test_position_tables_match_official_formula():
     """Fixed sin-cos tables equal the official init tables. Those were computed by XLA in
     float32, which loses ~1e-5 at the 1-D table's arguments up to 249 rad; ours are float64-exact."""
-    params = load("mwmae_jax/mwmae/params.npz")
+    params = init_params("mwmae")
     model = mae.build("mwmae-tiny", **SMALL)
     assert np.abs(model.pos_embed.numpy() - params["pos_embed"]).max() < 1e-5
     assert np.abs(model.decoder_pos_embed.numpy() - params["decoder_pos_embed"]).max() < 2e-5
