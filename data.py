@@ -4,11 +4,17 @@ Public API
 ----------
 Frontend
     load_audio(path, sample_rate=16000) -> np.ndarray
-        Any file libsndfile reads -> float32 mono samples at `sample_rate`.
+        Any file libsndfile reads -> float32 mono samples at `sample_rate` (anything but a
+        regular file is refused unopened).
+    find_files(inputs, exclude=None, skipped=None) -> list[str]
+        The regular files under folders/files, sorted, under the names the user has; the
+        rest (FIFOs, devices, broken links, link loops) is reported, never opened.
     LogMel(dtype=torch.float32)
         nn.Module: waveform (..., samples) -> log-mel (..., frames, 80).
     normalize(x, dim=(-2, -1))
         Per-clip standardisation over time and mel: (x - mean) / (std + 1e-8).
+    check_finite(log_mel, path)
+        Raise AudioError when the frontend's output of `path` holds NaN/Inf.
     AudioError
         The one exception raised for audio that cannot be used.
 Feature store (log-mel computed once, read many times during pretraining)
@@ -17,7 +23,8 @@ Feature store (log-mel computed once, read many times during pretraining)
     FeatureStore(root)
         Read access: len(store), store.frames/means/stds, store.log_mel(i, start, stop).
     open_or_prepare_store(paths, cache_dir="cache/stores", workers=1) -> FeatureStore
-        A store directory as is, or audio folders prepared into a cached store.
+        A store directory as is, or audio folders prepared into a store cached by content
+        (file names, sizes and mtimes).
     prepare_demo(out="cache/demo_store", n_clips=256, seconds=4.0, seed=0) -> FeatureStore
         The built-in DEMO store of synthetic sounds (smoke tests, `python train.py` without data).
     synthetic_audio(n_clips, seconds, seed) -> list[np.ndarray]
@@ -33,17 +40,21 @@ Command line: `python data.py prepare AUDIO_DIR... --out STORE [--workers N]`,
 
 Store format (directory)
 ------------------------
-store.json      format name and frontend settings (checked when the store is opened).
+store.json      format name and frontend settings (checked when the store is opened; written
+                atomically).
 shard_00000.f16 raw little-endian float16 log-mel frames, rows of 80 values, clips back to
                 back; a new shard starts when the next clip would pass ~256 MiB. NOT
                 normalised: normalisation happens at crop time with the whole-clip statistics.
 index.jsonl     one JSON object per clip: {"path", "shard", "offset", "frames", "mean", "std"}
                 (offset and frames in frames; mean and std of the clip's float32 log-mel,
                 population std).
-bad_files.tsv   path<TAB>reason for every rejected file: unreadable or not audio, empty,
-                NaN/Inf samples, silent (peak |sample| below 1e-6: digital silence, as 16-bit
-                audio cannot be that quiet otherwise), or a non-finite log-mel.
-read_index(root) and read_bad_files(root) return their contents.
+bad_files.tsv   path<TAB>reason for every rejected file: not a regular file (FIFO, device,
+                broken link, link loop), unreadable or not audio, empty, NaN/Inf samples,
+                silent (peak |sample| below 1e-6: digital silence, as 16-bit audio cannot be
+                that quiet otherwise), or a non-finite log-mel.
+read_index(root) and read_bad_files(root) return their contents. Paths are absolute, not
+resolved (a link keeps its own name); a name that is not valid UTF-8 is kept exactly
+(surrogate escapes in Python, its own bytes on disk).
 
 Crash safety: for every clip the frames are appended to the shard and flushed before its
 index line is appended and flushed; shards are fsynced when closed. A killed run therefore
@@ -56,12 +67,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import logging
 import math
 import multiprocessing
 import os
+import signal
+import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -78,6 +92,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+import files
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -93,7 +109,7 @@ class AudioError(Exception):
     """A file that cannot be used as audio: unreadable, empty, non-finite, ..."""
 
     def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{files.shown(path)}: {reason}")
         self.path = str(path)
         self.reason = reason
 
@@ -106,17 +122,54 @@ class AudioError(Exception):
 # ---------------------------------------------------------------------------
 
 
+FILE_KINDS = {  # what the stat mode of something that is not a regular file says it is
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFDIR: "folder",
+}
+
+
+def stat_problem(path: str | Path) -> tuple[os.stat_result | None, str]:
+    """(stat of `path` following links, "") for a regular file, else (stat or None, why not).
+
+    Only stat is used, never open: opening a FIFO blocks until someone writes to it, and a
+    device such as /dev/zero never ends. Reasons name what the user has (a broken link,
+    a link loop) rather than where a link points.
+    """
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None, "broken symbolic link" if os.path.islink(path) else "no such file"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return None, "symbolic link loop"
+        return None, f"cannot be read ({error.strerror})"
+    if stat.S_ISREG(status.st_mode):
+        return status, ""
+    kind = FILE_KINDS.get(stat.S_IFMT(status.st_mode), "unknown type")
+    return status, f"not a regular file ({kind})"
+
+
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file as float32 mono samples at `sample_rate`.
 
     Channels are averaged; a different rate is resampled with soxr (quality 'HQ').
     Silence is returned as is: deciding what to do with it is the caller's job.
+    Anything that is not a regular file (FIFO, device, broken link, ...) is refused
+    before it is opened, under the name given.
 
     Returns: (samples,) float32.
-    Raises: AudioError if the file cannot be read, holds no samples, or holds NaN/Inf.
+    Raises: AudioError if the file is not a regular file, cannot be read, holds no
+    samples, or holds NaN/Inf.
     """
+    _, problem = stat_problem(path)
+    if problem:
+        raise AudioError(path, problem)
     try:
-        audio, file_rate = sf.read(str(path), dtype="float32", always_2d=True)  # (samples, channels)
+        # bytes: soundfile cannot encode a str name that is not valid UTF-8 (surrogate escapes)
+        audio, file_rate = sf.read(os.fsencode(path), dtype="float32", always_2d=True)  # (samples, channels)
     except (sf.SoundFileError, OSError) as error:
         raise AudioError(path, f"unreadable ({error})") from error
     if audio.size == 0:
@@ -261,6 +314,19 @@ class ClipFeatures:
     error: str = ""
 
 
+def check_finite(log_mel: torch.Tensor | np.ndarray, path: str | Path) -> None:
+    """Raise AudioError(path, "log-mel not finite ...") unless every value of `log_mel` is finite.
+
+    Finite samples can still overflow the frontend: float WAVs may hold values like 1e30,
+    whose power spectrum is inf in float32. Call this after the frontend wherever audio
+    enters (a NaN row would silently poison a probe or a training batch). `log_mel` is any
+    tensor or array computed from the one file `path`, e.g. (frames, 80) or (chunks, frames, 80).
+    """
+    finite = torch.isfinite(log_mel).all() if torch.is_tensor(log_mel) else np.isfinite(log_mel).all()
+    if not finite:
+        raise AudioError(path, "log-mel not finite (samples far beyond full scale)")
+
+
 def extract_features(path: str) -> ClipFeatures:
     """Load one file and compute its log-mel; never raises, bad files come back with `error`."""
     try:
@@ -269,8 +335,7 @@ def extract_features(path: str) -> ClipFeatures:
             raise AudioError(path, f"silent (peak below {SILENCE_PEAK:g})")
         with torch.no_grad():
             log_mel = LogMel()(torch.from_numpy(audio))  # (frames, 80) float32
-        if not torch.isfinite(log_mel).all():
-            raise AudioError(path, "log-mel not finite (samples far beyond full scale)")
+        check_finite(log_mel, path)
     except AudioError as error:
         return ClipFeatures(path, None, error=error.reason)
     except Exception as error:  # noqa: BLE001 - one odd file must not stop a long run
@@ -279,13 +344,20 @@ def extract_features(path: str) -> ClipFeatures:
     return ClipFeatures(path, log_mel.numpy().astype(np.float16), float(mean), float(std))
 
 
+def open_text(path: str | Path, mode: str):
+    """A store text file opened so that any file name round-trips: UTF-8 with surrogate
+    escapes (a name that is not valid UTF-8 is written back as its own bytes), no newline
+    translation (csv quotes names holding tabs or newlines)."""
+    return open(path, mode, encoding="utf-8", errors="surrogateescape", newline="")
+
+
 def read_index(root: str | Path) -> list[dict]:
     """The complete entries of a store's index.jsonl (a partial last line is ignored)."""
     path = Path(root) / INDEX_FILE
     if not path.exists():
         return []
     entries = []
-    for line in path.read_text().splitlines():
+    for line in files.read_text(path).splitlines():
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
@@ -294,11 +366,11 @@ def read_index(root: str | Path) -> list[dict]:
 
 
 def read_bad_files(root: str | Path) -> dict[str, str]:
-    """{path: reason} from a store's bad_files.tsv."""
+    """{path: reason} from a store's bad_files.tsv (names come back exactly, see `open_text`)."""
     path = Path(root) / BAD_FILE
     if not path.exists():
         return {}
-    with open(path, newline="") as file:
+    with open_text(path, "r") as file:
         return {row[0]: row[1] for row in csv.reader(file, delimiter="\t") if len(row) == 2}
 
 
@@ -317,11 +389,9 @@ def recover_index(root: Path) -> list[dict]:
             break
         entries.append(entry)
     index = root / INDEX_FILE
-    if index.exists() and len(index.read_text().splitlines()) != len(entries):
-        logger.warning("%s: dropping index entries of an interrupted run", index)
-        temporary = index.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
-        os.replace(temporary, index)
+    if index.exists() and len(files.read_text(index).splitlines()) != len(entries):
+        logger.warning("%s: dropping index entries of an interrupted run", files.shown(index))
+        files.write_text(index, "".join(json.dumps(entry) + "\n" for entry in entries))
     last, used = last_shard_fill(entries)
     for shard in shard_sizes:
         if shard > last:
@@ -352,8 +422,8 @@ class StoreWriter:
         self.shard_frames = max(1, shard_bytes // FRAME_BYTES)
         self.shard, self.used = last_shard_fill(entries)
         self.shard_file = open(shard_path(self.root, self.shard), "ab")
-        self.index_file = open(self.root / INDEX_FILE, "a")
-        self.bad_file = open(self.root / BAD_FILE, "a", newline="")
+        self.index_file = open_text(self.root / INDEX_FILE, "a")
+        self.bad_file = open_text(self.root / BAD_FILE, "a")
 
     def add(self, clip: ClipFeatures) -> None:
         """Append a good clip: frames to the shard first, then its index line."""
@@ -401,24 +471,89 @@ def check_or_write_format(root: Path) -> None:
     """Write store.json in a new store; refuse a store made with other frontend settings."""
     meta = root / META_FILE
     if not meta.exists():
-        meta.write_text(json.dumps(STORE_FORMAT, indent=1) + "\n")
-    elif json.loads(meta.read_text()) != STORE_FORMAT:
-        raise ValueError(f"{root} holds a store with other settings: {meta.read_text()}")
+        files.write_text(meta, json.dumps(STORE_FORMAT, indent=1) + "\n")
+        return
+    try:
+        settings = json.loads(files.read_text(meta))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{files.shown(meta)} is not a store description ({error})") from None
+    if settings != STORE_FORMAT:
+        raise ValueError(f"{files.shown(root)} holds a store with other settings: "
+                         f"{json.dumps(settings)}")
 
 
-def find_files(inputs: Iterable[str | Path], exclude: Path | None = None) -> list[str]:
-    """Every file under the given folders (and given files), resolved and sorted.
+def find_files(
+    inputs: Iterable[str | Path],
+    exclude: str | Path | None = None,
+    skipped: dict[str, str] | None = None,
+) -> list[str]:
+    """Every regular file under the given folders (and the given files), sorted.
 
-    Nothing is filtered by extension: whatever libsndfile cannot read is reported as bad.
+    Paths are absolute but not resolved, so each file keeps the name the user has: a
+    symbolic link is followed (to a file or a folder) and listed under its own name. The
+    same file reached twice (through a link, or overlapping inputs) is listed once, under
+    the first name met (inputs in order, each folder's names sorted); a folder is walked
+    once, so links that point back up the tree do not loop.
+    Nothing is filtered by extension: whatever libsndfile cannot read is the caller's bad file.
     Files directly in `exclude` (the store's own files) are left out; its subfolders are not.
+
+    Anything else (FIFO, socket, device, broken link, link loop, unreadable folder) is only
+    stat'ed, never opened (a FIFO would block), and is not listed: it goes into `skipped` as
+    {path: reason} when a dict is given, and is logged as a warning otherwise.
     """
-    files = set()
-    for item in map(Path, inputs):
-        candidates = item.rglob("*") if item.is_dir() else [item]
-        files.update(path.resolve() for path in candidates if not path.is_dir())
-    if exclude is not None:
-        files = {path for path in files if path.parent != exclude.resolve()}
-    return sorted(map(str, files))
+    excluded = stat_problem(exclude)[0] if exclude is not None else None
+    excluded_id = (excluded.st_dev, excluded.st_ino) if excluded else None
+    found: dict[tuple[int, int], str] = {}  # (device, inode) of a file -> its first name
+    problems: dict[str, str] = {}
+    walked: set[tuple[int, int]] = set()  # folders already walked
+    for item in inputs:
+        pending = [(absolute(item), False)]  # (path, directly in the excluded folder)
+        while pending:
+            path, in_excluded = pending.pop()
+            status, problem = stat_problem(path)
+            file_id = (status.st_dev, status.st_ino) if status else None
+            if status is not None and stat.S_ISDIR(status.st_mode):
+                if file_id not in walked:
+                    walked.add(file_id)
+                    children = list_folder(path, problems)
+                    pending.extend((child, file_id == excluded_id) for child in reversed(children))
+            elif in_excluded:
+                continue
+            elif problem:
+                problems[str(path)] = problem
+            else:
+                found.setdefault(file_id, str(path))
+    report_skipped(problems, skipped)
+    return sorted(found.values())
+
+
+def absolute(path: str | Path) -> Path:
+    """`path` made absolute without following links: "." and ".." are folded away unless
+    that would change where it leads (a ".." after a link to a folder)."""
+    unfolded = Path(path).absolute()
+    folded = Path(os.path.abspath(path))
+    if folded == unfolded or os.path.realpath(folded) == os.path.realpath(unfolded):
+        return folded
+    return unfolded
+
+
+def list_folder(folder: Path, problems: dict[str, str]) -> list[Path]:
+    """The entries of `folder` in sorted order; an unreadable folder is noted in `problems`."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as error:
+        problems[str(folder)] = f"unreadable folder ({error.strerror})"
+        return []
+    return [folder / name for name in names]
+
+
+def report_skipped(problems: dict[str, str], skipped: dict[str, str] | None) -> None:
+    """Hand the entries find_files left out to the caller's dict, or log them."""
+    if skipped is not None:
+        skipped.update(problems)
+        return
+    for path, reason in sorted(problems.items()):
+        logger.warning("skipped %s: %s", files.shown(path), reason)
 
 
 @dataclass
@@ -433,9 +568,22 @@ class PrepareSummary:
     store: str
 
     def __str__(self) -> str:
-        return (f"{self.added} clips added ({self.added_hours:.2f} h of audio), "
-                f"{self.resumed} already done, {self.bad} bad files "
-                f"(see {Path(self.store) / BAD_FILE}); the store holds {self.total} clips")
+        return (f"{counted(self.added, 'clip')} added ({self.added_hours:.2f} h of audio), "
+                f"{self.resumed} already done, {counted(self.bad, 'bad file')} "
+                f"(see {files.shown(Path(self.store) / BAD_FILE)}); "
+                f"the store holds {counted(self.total, 'clip')}")
+
+
+def counted(number: int, noun: str) -> str:
+    """'1 clip', '2 clips', '0 clips'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def described(inputs: list[str | Path], limit: int = 3) -> str:
+    """The inputs of a command as one short printable phrase."""
+    names = [files.shown(item) for item in inputs[:limit]]
+    more = len(inputs) - limit
+    return ", ".join(names) + (f" and {counted(more, 'more path')}" if more > 0 else "")
 
 
 def _init_worker() -> None:
@@ -473,12 +621,22 @@ def prepare(
 
     Resumable: files already in the index or in bad_files.tsv are skipped. Results are
     written in sorted path order whatever `workers` is, so the store does not depend on it.
+    Entries that are not regular files (see `find_files`) are listed in bad_files.tsv.
+
+    Raises: ValueError when `inputs` hold no files at all (nothing is written then), or
+    when the store ends up without a single clip (bad_files.tsv says why).
     """
-    out = Path(out)
+    out, inputs = Path(out), list(inputs)
+    skipped: dict[str, str] = {}
+    paths = find_files(inputs, exclude=out, skipped=skipped)
+    if not paths and not skipped:
+        raise ValueError(f"no audio files found under {described(inputs)}")
     with StoreWriter(out, shard_bytes) as writer:
-        files = find_files(inputs, exclude=out)
-        todo = [path for path in files if path not in writer.indexed and path not in writer.bad]
-        added = bad = frames = 0
+        new_skipped = {path: reason for path, reason in skipped.items() if path not in writer.bad}
+        for path, reason in sorted(new_skipped.items()):
+            writer.add_bad(path, reason)
+        todo = [path for path in paths if path not in writer.indexed and path not in writer.bad]
+        added, bad, frames = 0, len(new_skipped), 0
         with parallel_map(workers) as map_fn:
             results = map_fn(extract_features, todo)
             for clip in tqdm(results, total=len(todo), desc="log-mel", unit="file",
@@ -490,10 +648,12 @@ def prepare(
                     writer.add(clip)
                     added, frames = added + 1, frames + len(clip.log_mel)
         total = len(writer.indexed)
-    summary = PrepareSummary(added, frames * HOP / SAMPLE_RATE / 3600, len(files) - len(todo),
-                             bad, total, str(out))
-    logger.info("prepare: %s", summary)
-    return summary
+    if total == 0:
+        raise ValueError(f"no readable audio under {described(inputs)}: "
+                         f"{counted(len(paths) + len(skipped), 'file')} skipped "
+                         f"(see {files.shown(out / BAD_FILE)})")
+    resumed = len(paths) - len(todo) + len(skipped) - len(new_skipped)
+    return PrepareSummary(added, frames * HOP / SAMPLE_RATE / 3600, resumed, bad, total, str(out))
 
 
 # ---------------------------------------------------------------------------
@@ -599,11 +759,37 @@ class CropDataset(Dataset):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader whose `set_epoch` reseeds both the shuffling and the crops."""
+    """A DataLoader whose `set_epoch` reseeds both the shuffling and the crops, and whose
+    worker processes leave SIGINT and SIGTERM to the main process.
+
+    A job scheduler (SLURM, Kubernetes, systemd, `timeout`) or Ctrl-C signals every process
+    of the job: a worker killed by it would make the main process fail ("DataLoader worker
+    is killed by signal") before it can write its checkpoint. So workers ignore both signals
+    (they still end with the main process, through torch's own watchdog). They are started
+    with both signals blocked, so that no worker can be hit before it ignores them.
+    """
+
+    STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self.STOP_SIGNALS)
+        try:
+            return super().__iter__()  # starts the workers, which inherit the mask
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    @staticmethod
+    def ignore_stop_signals(worker_id: int) -> None:
+        """Worker init: ignore SIGINT and SIGTERM (pending ones are dropped), then unblock."""
+        for signum in EpochLoader.STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, EpochLoader.STOP_SIGNALS)
 
 
 def make_loader(
@@ -630,21 +816,49 @@ def make_loader(
         raise ValueError(f"{len(dataset)} clips over {replicas} process(es) "
                          f"do not fill one batch of {batch_size}")
     return EpochLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                       drop_last=True, pin_memory=pin_memory)
+                       drop_last=True, pin_memory=pin_memory,
+                       worker_init_fn=EpochLoader.ignore_stop_signals)
 
 
 def open_or_prepare_store(
     paths: Iterable[str | Path], cache_dir: str | Path = "cache/stores", workers: int = 1
 ) -> FeatureStore:
     """A single store directory is opened as is; audio folders are prepared (or the
-    preparation resumed) into `cache_dir/store_<hash of the folder paths>`."""
+    preparation resumed) into `cache_dir/store_<folders key>_<content key>`.
+
+    The content key is a hash of every regular file's (path, size, mtime_ns) under the
+    folders (`content_identity`), so deleting, adding or rewriting a file gives a new
+    store instead of training on stale frames; unchanged folders reuse their store.
+    Stores of older contents of the same folders are left in place (another run may still
+    be reading them); a warning names them so they can be deleted to free space.
+    """
     paths = [Path(path) for path in paths]
     if len(paths) == 1 and FeatureStore.is_store(paths[0]):
         return FeatureStore(paths[0])
-    key = hashlib.sha1("\n".join(sorted(str(p.resolve()) for p in paths)).encode()).hexdigest()
-    out = Path(cache_dir) / f"store_{key[:12]}"
-    prepare(paths, out, workers=workers)
+    folders_key = hashlib.sha1("\n".join(sorted(str(p.absolute()) for p in paths))
+                               .encode(errors="surrogateescape")).hexdigest()[:8]
+    out = Path(cache_dir) / f"store_{folders_key}_{content_identity(paths)[:12]}"
+    older = sorted(p.name for p in Path(cache_dir).glob(f"store_{folders_key}_*") if p != out)
+    if older and not out.exists():
+        logger.warning("the audio under %s changed since it was prepared: preparing a new "
+                       "store %s; older stores of these folders can be deleted: %s",
+                       described(paths), files.shown(out), ", ".join(older))
+    summary = prepare(paths, out, workers=workers)
+    logger.info("prepare: %s", summary)
     return FeatureStore(out)
+
+
+def content_identity(inputs: Iterable[str | Path]) -> str:
+    """A SHA-1 of the sorted (path, size, mtime_ns) of every regular file under `inputs`,
+    and of the entries find_files skips: what a cached store of those inputs depends on."""
+    skipped: dict[str, str] = {}
+    rows = []
+    for path in find_files(inputs, skipped=skipped):
+        status = stat_problem(path)[0]
+        rows.append((path, status.st_size, status.st_mtime_ns) if status else (path, -1, -1))
+    rows += [(path, reason) for path, reason in sorted(skipped.items())]
+    text = json.dumps(rows)  # ASCII: surrogate escapes of odd names become \udcXX
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -723,11 +937,17 @@ def prepare_demo(
                    "not real audio.", n_clips, seconds, out)
     audio_dir = out / "demo_audio"
     if len(list(audio_dir.glob("demo_*.wav"))) < n_clips:  # new, or interrupted while writing
-        audio_dir.mkdir(parents=True, exist_ok=True)
         for number, clip in enumerate(synthetic_audio(n_clips, seconds, seed)):
-            sf.write(audio_dir / f"demo_{number:05d}.wav", clip, SAMPLE_RATE, subtype="PCM_16")
-    prepare([audio_dir], out, workers=workers, progress=False)
+            write_wav(audio_dir / f"demo_{number:05d}.wav", clip)
+    summary = prepare([audio_dir], out, workers=workers, progress=False)
+    logger.info("prepare: %s", summary)
     return FeatureStore(out)
+
+
+def write_wav(path: Path, clip: np.ndarray) -> None:
+    """A 16-bit 16 kHz WAV, atomically (an interrupted run never leaves half a file)."""
+    files.atomic_write(path, lambda tmp: sf.write(tmp, clip, SAMPLE_RATE, subtype="PCM_16",
+                                                  format="WAV"))
 
 
 # ---------------------------------------------------------------------------
@@ -755,41 +975,65 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn the errors a user can cause (bad paths, empty folders, foreign stores) into
+    click's one-line "Error: ..." and a non-zero exit, without a traceback."""
+    try:
+        yield
+    except (ValueError, OSError, AudioError) as error:
+        raise click.ClickException(str(error)) from None
+
+
 @cli.command("prepare")
 @click.argument("audio_dirs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(), help="Store directory.")
-@click.option("--workers", default=max(1, (os.cpu_count() or 1) - 1), show_default=True)
-@click.option("--shard-mb", default=SHARD_BYTES // 2**20, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Store directory (created, or resumed if it holds a store).")
+@click.option("--workers", type=click.IntRange(min=0), default=max(1, (os.cpu_count() or 1) - 1),
+              show_default=True, help="Processes computing log-mels (0 or 1: in this process).")
+@click.option("--shard-mb", type=click.IntRange(min=1), default=SHARD_BYTES // 2**20,
+              show_default=True, help="Size in MiB at which a new shard file is started.")
 def prepare_command(audio_dirs: tuple[str, ...], out: str, workers: int, shard_mb: int) -> None:
     """Compute the log-mel of every file under AUDIO_DIRS into the store OUT (resumable)."""
-    summary = prepare(audio_dirs, out, workers=workers, shard_bytes=shard_mb * 2**20)
+    with one_line_errors():
+        summary = prepare(audio_dirs, out, workers=workers, shard_bytes=shard_mb * 2**20)
     click.echo(f"prepare: {summary}")
 
 
 @cli.command("demo")
-@click.option("--out", default="cache/demo_store", show_default=True, type=click.Path())
-@click.option("--clips", default=256, show_default=True)
-@click.option("--seconds", default=4.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="cache/demo_store", show_default=True, type=click.Path(file_okay=False),
+              help="Store directory (the WAVs go to OUT/demo_audio).")
+@click.option("--clips", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Number of synthetic clips.")
+@click.option("--seconds", type=click.FloatRange(min=0.5), default=4.0, show_default=True,
+              help="Length of each clip in seconds.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the synthetic sounds.")
 def demo_command(out: str, clips: int, seconds: float, seed: int) -> None:
     """Build the DEMO store of synthetic sounds (not real audio)."""
-    store = prepare_demo(out, clips, seconds, seed)
-    click.echo(f"demo: DEMO store of {len(store)} synthetic clips in {out} (not real audio)")
+    with one_line_errors():
+        store = prepare_demo(out, clips, seconds, seed)
+    click.echo(f"demo: DEMO store of {counted(len(store), 'synthetic clip')} in "
+               f"{files.shown(out)} (not real audio)")
 
 
 @cli.command("speed")
-@click.argument("store", type=click.Path(exists=True))
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", "worker_counts", multiple=True, type=int, default=(0, 2),
-              show_default=True)
-@click.option("--batches", default=50, show_default=True)
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Crops per batch.")
+@click.option("--workers", "worker_counts", multiple=True, type=click.IntRange(min=0),
+              default=(0, 2), show_default=True,
+              help="DataLoader workers to measure (repeat the option for several).")
+@click.option("--batches", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Batches timed per worker count (after one warm-up batch).")
 def speed_command(store: str, batch_size: int, worker_counts: tuple[int, ...],
                   batches: int) -> None:
     """Measure random crops per second from STORE through the DataLoader."""
-    dataset = CropDataset(FeatureStore(store))
-    for workers in worker_counts:
-        rate = measure_crops_per_second(dataset, batch_size, workers, batches)
-        click.echo(f"speed: {rate:,.0f} crops/s with {workers} workers (batch {batch_size})")
+    with one_line_errors():
+        dataset = CropDataset(FeatureStore(store))
+        for workers in worker_counts:
+            rate = measure_crops_per_second(dataset, batch_size, workers, batches)
+            click.echo(f"speed: {rate:,.0f} crops/s with {counted(workers, 'worker')} "
+                       f"(batch {batch_size})")
 
 
 if __name__ == "__main__":
