@@ -169,9 +169,11 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(path, problem)
     try:
         # bytes: soundfile cannot encode a str name that is not valid UTF-8 (surrogate escapes)
-        audio, file_rate = sf.read(os.fsencode(path), dtype="float32", always_2d=True)  # (samples, channels)
+        audio, file_rate = sf.read(os.fsencode(path), dtype="float32",
+                                   always_2d=True)  # (samples, channels)
     except (sf.SoundFileError, OSError) as error:
-        raise AudioError(path, f"unreadable ({error})") from error
+        why = getattr(error, "error_string", None) or getattr(error, "strerror", None) or error
+        raise AudioError(path, f"unreadable ({why})") from error
     if audio.size == 0:
         raise AudioError(path, "empty (0 samples)")
     if not np.isfinite(audio).all():
@@ -322,8 +324,8 @@ def check_finite(log_mel: torch.Tensor | np.ndarray, path: str | Path) -> None:
     enters (a NaN row would silently poison a probe or a training batch). `log_mel` is any
     tensor or array computed from the one file `path`, e.g. (frames, 80) or (chunks, frames, 80).
     """
-    finite = torch.isfinite(log_mel).all() if torch.is_tensor(log_mel) else np.isfinite(log_mel).all()
-    if not finite:
+    finite = torch.isfinite if torch.is_tensor(log_mel) else np.isfinite
+    if not finite(log_mel).all():
         raise AudioError(path, "log-mel not finite (samples far beyond full scale)")
 
 
@@ -835,9 +837,10 @@ def open_or_prepare_store(
     paths = [Path(path) for path in paths]
     if len(paths) == 1 and FeatureStore.is_store(paths[0]):
         return FeatureStore(paths[0])
-    folders_key = hashlib.sha1("\n".join(sorted(str(p.absolute()) for p in paths))
+    folders_key = hashlib.sha1("\n".join(sorted(str(absolute(p)) for p in paths))
                                .encode(errors="surrogateescape")).hexdigest()[:8]
-    out = Path(cache_dir) / f"store_{folders_key}_{content_identity(paths)[:12]}"
+    content_key = content_identity(paths, ignore=cache_dir)[:12]
+    out = Path(cache_dir) / f"store_{folders_key}_{content_key}"
     older = sorted(p.name for p in Path(cache_dir).glob(f"store_{folders_key}_*") if p != out)
     if older and not out.exists():
         logger.warning("the audio under %s changed since it was prepared: preparing a new "
@@ -848,15 +851,22 @@ def open_or_prepare_store(
     return FeatureStore(out)
 
 
-def content_identity(inputs: Iterable[str | Path]) -> str:
+def content_identity(inputs: Iterable[str | Path], ignore: str | Path | None = None) -> str:
     """A SHA-1 of the sorted (path, size, mtime_ns) of every regular file under `inputs`,
-    and of the entries find_files skips: what a cached store of those inputs depends on."""
+    and of the entries find_files skips: what a cached store of those inputs depends on.
+    Paths under the folder `ignore` (the store cache, should it lie inside the audio
+    folders) are left out, or each new store would change the key of the next run."""
     skipped: dict[str, str] = {}
+    found = find_files(inputs, skipped=skipped)
+    if ignore is not None:
+        prefix = str(absolute(ignore)) + os.sep
+        found = [path for path in found if not path.startswith(prefix)]
+        skipped = {path: why for path, why in skipped.items() if not path.startswith(prefix)}
     rows = []
-    for path in find_files(inputs, skipped=skipped):
+    for path in found:
         status = stat_problem(path)[0]
         rows.append((path, status.st_size, status.st_mtime_ns) if status else (path, -1, -1))
-    rows += [(path, reason) for path, reason in sorted(skipped.items())]
+    rows += sorted(skipped.items())
     text = json.dumps(rows)  # ASCII: surrogate escapes of odd names become \udcXX
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -1001,8 +1011,8 @@ def prepare_command(audio_dirs: tuple[str, ...], out: str, workers: int, shard_m
 
 
 @cli.command("demo")
-@click.option("--out", default="cache/demo_store", show_default=True, type=click.Path(file_okay=False),
-              help="Store directory (the WAVs go to OUT/demo_audio).")
+@click.option("--out", default="cache/demo_store", show_default=True,
+              type=click.Path(file_okay=False), help="Store directory (the WAVs go to OUT/demo_audio).")
 @click.option("--clips", type=click.IntRange(min=1), default=256, show_default=True,
               help="Number of synthetic clips.")
 @click.option("--seconds", type=click.FloatRange(min=0.5), default=4.0, show_default=True,

@@ -214,8 +214,10 @@ def test_cached_store_follows_deleted_and_rewritten_files(tmp_path):
     np.testing.assert_allclose(second.log_mel(1).astype(np.float32), expected, atol=1e-2, rtol=1e-3)
 
 
-def test_cached_store_of_unchanged_folders_is_reused(tmp_path):
-    folder, cache = tmp_path / "audio", tmp_path / "cache"
+@pytest.mark.parametrize("cache_inside", [False, True])
+def test_cached_store_of_unchanged_folders_is_reused(tmp_path, cache_inside):
+    folder = tmp_path / "audio"
+    cache = folder / "cache" if cache_inside else tmp_path / "cache"
     write_clips(folder)
     first = data.open_or_prepare_store([folder], cache_dir=cache)
     index_before = (first.root / data.INDEX_FILE).stat().st_mtime_ns
@@ -264,7 +266,8 @@ def test_prepare_command_on_an_empty_folder_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_data_cli("prepare", str(tmp_path / "empty"), "--out", str(tmp_path / "store"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"Error: no audio files found under {tmp_path / 'empty'}"]
+    expected = f"Error: no audio files found under {tmp_path / 'empty'}"
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_prepare_command_prints_its_summary_once_with_plurals(tmp_path):
@@ -272,7 +275,8 @@ def test_prepare_command_prints_its_summary_once_with_plurals(tmp_path):
     folder.mkdir()
     sf.write(folder / "a.wav", noise(1.0), 16000)
     (folder / "notes.txt").write_text("not audio")
-    result = run_data_cli("prepare", str(folder), "--out", str(tmp_path / "store"), "--workers", "1")
+    result = run_data_cli("prepare", str(folder), "--out", str(tmp_path / "store"),
+                          "--workers", "1")
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert output.count("already done") == 1
