@@ -9,25 +9,37 @@ non-overlapping windows of w_h consecutive tokens; a head with w_h = n is global
 where Q_h^u is the u-th block of w_h rows of X W_h^Q (likewise K, V) and B_h is an
 optional learned relative position bias, B_h[i, j] = table_h[i - j + w_h - 1].
 
-Two interchangeable backends compute MW-MHA (`MultiWindowAttention(backend=...)`):
+The equations appear twice below: `multiwindow_attention_reference` computes them plainly,
+one head at a time, and `MultiWindowAttention` computes the same numbers fast. It has two
+interchangeable backends (`MultiWindowAttention(backend=...)`):
 
-- "reshape" (the default on CPU): windows are cut by reshaping and folded into the batch,
+- "reshape" (the default on CPU): heads are taken in runs of equal window size,
+  e.g. [(2, heads 0-0), (5, 1-1), ..., (250, 6-7)] for the paper's decoder, and each run is
+  one attention call: its windows are cut by a reshape and folded into the batch,
   (B, G, n, d) -> (B * n/w, G, w, d), so a windowed head does n*w work instead of n*n.
-  Heads that share a window size go through one attention call: no loop over heads,
-  no n x n mask. It reads like Eq. (1)-(2) and runs everywhere.
+  No loop over heads, no n x n mask; runs everywhere.
 - "flex": all heads in one FlexAttention kernel with a per-head block-diagonal mask
   (q // w_h == kv // w_h) and the relative bias as a score_mod. Compiled on CUDA; on CPU
   torch runs it unfused and for inference only (a check that both backends agree).
 "auto" picks "flex" on CUDA and "reshape" elsewhere. This module is a leaf: it knows
 nothing about audio or MAE.
+
+    python attention.py               # each head's windows and cost, and a check of the
+                                      # fast layer against the reference
 """
+import itertools
 import math
 
+import click
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 BACKENDS = ("reshape", "flex", "auto")
+
+# The standard deviation of a standard normal truncated to [-2, 2]. Dividing the wanted std
+# by it gives a truncated normal with the wanted std (JAX's variance_scaling does the same).
+TRUNCATED_NORMAL_STD = 0.87962566103423978
 
 
 def window_sizes(n: int) -> list[int]:
@@ -37,6 +49,20 @@ def window_sizes(n: int) -> list[int]:
     [2, 5, 10, 25, 50, 125, 250, 250]
     """
     return [w for w in range(2, n) if n % w == 0] + [n, n]
+
+
+def window_runs(windows: list[int]) -> list[tuple[int, range]]:
+    """Consecutive heads that share a window size: each run is one attention call.
+
+    >>> window_runs([2, 5, 250, 250])
+    [(2, range(0, 1)), (5, range(1, 2)), (250, range(2, 4))]
+    """
+    runs, start = [], 0
+    for w, heads in itertools.groupby(windows):
+        count = len(list(heads))
+        runs.append((w, range(start, start + count)))
+        start += count
+    return runs
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -64,6 +90,8 @@ class Attention(nn.Module):
         self.rope = rope
 
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None):
+        """(B, n, dim) -> q, k, v, each (B, H, n, d): views of one qkv projection (with
+        RoPE, rotated copies of q and k)."""
         B, n, _ = x.shape
         qkv = self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, n, d)
@@ -80,6 +108,30 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.project_qkv(x, positions)
         return self.merge_heads(F.scaled_dot_product_attention(q, k, v))
+
+
+def multiwindow_attention_reference(attn: "MultiWindowAttention", x: torch.Tensor,
+                                    positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. (1)-(2) written plainly with the weights of `attn`: one head at a time, that
+    head's sequence cut into its windows. (B, n, dim) -> (B, n, dim).
+
+    The definition that MultiWindowAttention.forward computes fast (tests compare the two),
+    and the official release's way of computing MW-MHA (bench.py times it as the baseline).
+    """
+    q, k, v = attn.project_qkv(x, positions)  # each (B, H, n, d)
+    B, H, n, d = q.shape
+    heads = []
+    for h, w in enumerate(attn.windows):
+        table = attn.rel_pos[str(h)] if str(h) in attn.rel_pos else None  # 2 w - 1 entries
+        w = min(w, n)  # a sequence shorter than the window is one window
+        # Row u of (B, n/w, w, d) is window u: Q_h^u, K_h^u, V_h^u of Eq. (1).
+        qh, kh, vh = (t[:, h].reshape(B, n // w, w, d) for t in (q, k, v))
+        scores = qh @ kh.transpose(-1, -2) / math.sqrt(d)  # (B, n/w, w, w)
+        if table is not None:
+            i = torch.arange(w, device=x.device)
+            scores = scores + table[i[:, None] - i[None, :] + len(table) // 2]  # B_h[i, j]
+        heads.append((scores.softmax(-1) @ vh).reshape(B, n, d))  # windows back in order
+    return attn.proj(torch.cat(heads, dim=-1))  # Eq. (2): concat heads, W_O
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None):
@@ -119,75 +171,66 @@ class MultiWindowAttention(Attention):
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}: use one of {BACKENDS}")
         self.windows, self.backend = list(windows), backend
-        # Heads grouped by window size; each group is one fused attention call.
-        self.groups = {w: [h for h, wh in enumerate(windows) if wh == w] for w in dict.fromkeys(windows)}
-        order = [h for heads in self.groups.values() for h in heads]
-        self.register_buffer("head_order", torch.tensor(order), persistent=False)
-        self.register_buffer("head_unorder", torch.argsort(torch.tensor(order)), persistent=False)
-        self.grouped_in_order = order == sorted(order)
-        # table_h[k], k = i - j + w - 1 in [0, 2w - 2]; global heads have none.
+        self.runs = window_runs(self.windows)  # [(w, heads)]: one attention call each
+        # table_h[i - j + w - 1] for offsets i - j in [-(w - 1), w - 1]; global heads have none.
         self.rel_pos = nn.ParameterDict({
             str(h): nn.Parameter(torch.zeros(2 * w - 1))
             for h, w in enumerate(windows) if rel_pos_bias and w < num_tokens
         })
-        for h, table in self.rel_pos.items():  # the release: variance 0.02 / fan_in, truncated at 2 std
-            std = math.sqrt(0.02 / table.numel()) / 0.87962566103423978
+        for table in self.rel_pos.values():  # the release: variance 0.02 / fan_in, truncated at 2 std
+            std = math.sqrt(0.02 / table.numel()) / TRUNCATED_NORMAL_STD
             nn.init.trunc_normal_(table, std=std, a=-2 * std, b=2 * std)
         self.block_masks = {}  # (n, device) -> FlexAttention BlockMask, built on first use
 
-    def relative_bias(self, heads: list[int], w: int, span: int, like: torch.Tensor):
-        """B_h[i, j] = table_h[i - j + w - 1] for i, j < span: (G, span, span), or None."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.project_qkv(x, positions)  # each (B, H, n, d)
+        if self.backend == "flex" or (self.backend == "auto" and x.is_cuda):
+            out = self.flex_attention(q, k, v)
+        else:
+            # Heads split (not indexed) into runs: the backward pass is one concatenation.
+            sizes = [len(heads) for _, heads in self.runs]
+            parts = zip(*(t.split(sizes, dim=1) for t in (q, k, v)))  # per run: (B, G, n, d) each
+            out = torch.cat([self.window_attention(*qkv, w, heads)
+                             for (w, heads), qkv in zip(self.runs, parts)], dim=2)
+        return self.proj(out.flatten(2))  # Eq. (2): concat heads (B, n, H * d), W_O
+
+    # --- "reshape" backend: Eq. (1) for one run of heads in one call --------------------
+    def window_attention(self, q, k, v, w: int, heads: range) -> torch.Tensor:
+        """Eq. (1) for the G heads of a run that share window size w.
+        q, k, v: (B, G, n, d) -> (B, n, G, d)."""
+        B, G, n, d = q.shape
+        w = min(w, n)  # a sequence shorter than the window is one window
+        if n % w:
+            raise ValueError(f"window {w} does not divide the sequence length {n}")
+        # Cut the sequence into its n/w windows, (B, G, n/w, w, d), and fold the windows into
+        # the batch, (B * n/w, G, w, d): to the kernel each window is a sequence of its own.
+        # A view of the qkv projection, no copy.
+        q, k, v = (t.reshape(B, G, n // w, w, d).transpose(1, 2).reshape(-1, G, w, d)
+                   for t in (q, k, v))
+        out = attend(q, k, v, self.relative_bias(heads, w, q))  # (B * n/w, G, w, d)
+        # Unfold: windows back in sequence order, heads next to each other per token.
+        return out.reshape(B, n // w, G, w, d).transpose(2, 3).reshape(B, n, G, d)
+
+    def relative_bias(self, heads: range, w: int, like: torch.Tensor) -> torch.Tensor | None:
+        """B_h[i, j] = table_h[i - j + centre] for i, j < w: (G, w, w), or None for global heads.
+        The centre (offset 0) is entry W - 1 of a table learned for windows of W tokens; a
+        sequence shorter than W (w < W) uses the middle of the table."""
         if str(heads[0]) not in self.rel_pos:
             return None
-        i = torch.arange(span, device=like.device)
-        index = i[:, None] - i[None, :] + w - 1  # (span, span)
-        tables = torch.stack([self.rel_pos[str(h)] for h in heads])  # (G, 2w - 1)
-        return tables[:, index].to(like.dtype)
-
-    # --- "reshape" backend: Eq. (1) by reshaping, one call per window size ---------------
-    def token_qkv(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """(B, n, dim) -> q, k, v of every head side by side per token: (B, n, 3, H, d), a view
-        of the qkv projection (with RoPE, a rotated copy)."""
-        if self.rope:
-            q, k, v = self.project_qkv(x, positions)  # (B, H, n, d)
-            return torch.stack((q, k, v), dim=2).transpose(1, 3)  # (B, H, 3, n, d) -> (B, n, 3, H, d)
-        B, n, _ = x.shape
-        return self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim)
-
-    def windowed_attention(self, qkv: torch.Tensor, w: int, heads: list[int]) -> torch.Tensor:
-        """Eq. (1) for a group of G heads sharing window w. qkv: (B, n, 3, G, d) -> (B, n, G, d)."""
-        B, n, _, G, d = qkv.shape
-        span = min(w, n)
-        if n % span:
-            raise ValueError(f"window {w} does not divide the sequence length {n}")
-        # Cut the sequence into n/w windows and fold them into the batch: (B * n/w, w, 3, G, d),
-        # a view; then q, k, v each (B * n/w, G, w, d).
-        q, k, v = (t.transpose(1, 2) for t in qkv.reshape(-1, span, 3, G, d).unbind(2))
-        out = attend(q, k, v, self.relative_bias(heads, w, span, q))  # (B * n/w, G, w, d)
-        return out.transpose(1, 2).reshape(B, n, G, d)
-
-    def reshape_attention(self, qkv: torch.Tensor) -> torch.Tensor:
-        """All heads, one windowed_attention per window size. (B, n, 3, H, d) -> (B, n, H, d).
-        Everything up to the attention kernels is a view of `qkv`, so the backward pass
-        writes the gradient of all heads back with one concatenation."""
-        if not self.grouped_in_order:
-            qkv = qkv[:, :, :, self.head_order]
-        sizes = [len(heads) for heads in self.groups.values()]
-        outs = [self.windowed_attention(part, w, heads)
-                for (w, heads), part in zip(self.groups.items(), qkv.split(sizes, dim=3))]
-        out = torch.cat(outs, dim=2)  # (B, n, H, d), heads grouped by window
-        return out if self.grouped_in_order else out[:, :, self.head_unorder]
+        tables = torch.stack([self.rel_pos[str(h)] for h in heads])  # (G, 2W - 1)
+        i = torch.arange(w, device=like.device)
+        return tables[:, i[:, None] - i[None, :] + tables.shape[1] // 2].to(like.dtype)
 
     # --- "flex" backend: every head in one FlexAttention call ----------------------------
     def block_mask(self, n: int, device: torch.device):
-        """Head h sees key j from query i iff both lie in the same window of span_h tokens."""
+        """Head h sees key j from query i iff both lie in the same window of head h."""
         if (n, device) not in self.block_masks:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            spans = torch.tensor([min(w, n) for w in self.windows], device=device)
+            windows = torch.tensor([min(w, n) for w in self.windows], device=device)
 
             def same_window(b, h, q_idx, kv_idx):
-                return q_idx // spans[h] == kv_idx // spans[h]
+                return q_idx // windows[h] == kv_idx // windows[h]
 
             self.block_masks[(n, device)] = create_block_mask(
                 same_window, None, self.num_heads, n, n, device=device)
@@ -216,17 +259,6 @@ class MultiWindowAttention(Attention):
             block_mask=self.block_mask(n, q.device))
         return out.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        qkv = self.token_qkv(x, positions)  # (B, n, 3, H, d)
-        backend = self.backend
-        if backend == "auto":
-            backend = "flex" if qkv.is_cuda else "reshape"
-        if backend == "flex":
-            out = self.flex_attention(*qkv.permute(2, 0, 3, 1, 4))  # q, k, v: (B, H, n, d)
-        else:
-            out = self.reshape_attention(qkv)  # (B, n, H, d)
-        return self.proj(out.flatten(2))  # Eq. (2): concat heads, W_O
-
 
 _compiled_flex = None
 
@@ -251,3 +283,58 @@ def set_backend(model: nn.Module, backend: str) -> None:
     for module in model.modules():
         if isinstance(module, MultiWindowAttention):
             module.backend = backend
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_windows(text: str | None, tokens: int, heads: int | None) -> list[int]:
+    """--windows '2,5,250' (or the window rule for `tokens`), checked against --heads and n."""
+    try:
+        windows = [int(w) for w in text.split(",")] if text else window_sizes(tokens)
+    except ValueError:
+        raise click.ClickException(f"--windows {text!r}: expected window sizes like 2,5,250") from None
+    bad = [w for w in windows if w < 1 or tokens % w]
+    if bad:
+        raise click.ClickException(f"windows {bad} do not divide the {tokens} tokens")
+    if heads is not None and heads != len(windows):
+        raise click.ClickException(f"{len(windows)} windows {windows} need --heads {len(windows)}, "
+                                   f"not {heads} (one window per head)")
+    return windows
+
+
+@click.command(context_settings=dict(show_default=True))
+@click.option("--tokens", default=250, help="Sequence length n (250: 4x16 patches of 2 s).")
+@click.option("--heads", type=int, help="Head count. [default: one per window: 8 for 250 tokens]")
+@click.option("--dim", default=384, help="Model width (the MW-MAE decoder's).")
+@click.option("--windows", help="Window size per head, e.g. 2,5,250. [default: the MW-MAE rule, "
+                                "factors of n but 1 and n, plus two global heads]")
+@click.option("--seed", default=0, help="Seed of the random weights and input of the check.")
+def main(tokens: int, heads: int | None, dim: int, windows: str | None, seed: int):
+    """Each head's windows and attention cost, then the fast MW-MHA layer against the plain
+    reference on random input (exit status 1 if they differ by more than 1e-5)."""
+    windows = parse_windows(windows, tokens, heads)
+    if dim % len(windows):
+        raise click.ClickException(f"--dim {dim} is not a multiple of the {len(windows)} heads")
+    click.echo(f"MW-MHA on n = {tokens} tokens: {len(windows)} heads of {dim // len(windows)} dims")
+    click.echo("score entries per head: n*w for a head with windows of w tokens, n^2 if global\n")
+    click.echo(f"{'head':>4} {'window':>6} {'windows':>7} {'n*w':>8} {'n^2':>8} {'ratio':>6}")
+    for h, w in enumerate(windows):
+        click.echo(f"{h:>4} {w:>6} {tokens // w:>7} {tokens * w:>8} {tokens ** 2:>8} {w / tokens:>6.3f}")
+    windowed, dense = tokens * sum(windows), len(windows) * tokens ** 2
+    click.echo(f"{'all':>4} {'':>6} {'':>7} {windowed:>8} {dense:>8} {windowed / dense:>6.3f}")
+    runs = " ".join(f"[{w}: {r.start}-{r.stop - 1}]" for w, r in window_runs(windows))
+    click.echo(f"one attention call per run of heads with one window [window: heads]: {runs}\n")
+
+    torch.manual_seed(seed)
+    layer = MultiWindowAttention(dim, windows, tokens)
+    x = torch.randn(2, tokens, dim)
+    with torch.no_grad():
+        difference = float((layer(x) - multiwindow_attention_reference(layer, x)).abs().max())
+    click.echo(f"max |fast - reference| on random input (2 x {tokens} x {dim}, float32, "
+               f"reshape backend): {difference:.2e}")
+    if difference > 1e-5:
+        raise click.ClickException(f"the layer differs from the reference by {difference:.2e} > 1e-5")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,7 +46,8 @@ import embed
 import files
 import mae
 import train
-from attention import Attention, MultiWindowAttention, set_backend, window_sizes
+from attention import (Attention, MultiWindowAttention, multiwindow_attention_reference, set_backend,
+                       window_sizes)
 
 aten = torch.ops.aten
 
@@ -116,28 +117,15 @@ def load_average() -> list[float]:
 # ----------------------------------------------------------------------------- 1. attention
 
 class PerHeadLoopAttention(nn.Module):
-    """The official release's way to compute MW-MHA, as a baseline: one qkv projection, then
-    every head on its own in a Python loop (windows by reshaping that head's q, k, v, bias
-    added to the explicit scores), heads stacked, then W_O. Shares `mw`'s parameters."""
+    """The official release's way to compute MW-MHA, as a baseline: every head on its own
+    in a Python loop (attention.multiwindow_attention_reference). Shares `mw`'s parameters."""
 
     def __init__(self, mw: MultiWindowAttention):
         super().__init__()
         self.mw = mw
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        mw, (B, n, _) = self.mw, x.shape
-        H, d = mw.num_heads, mw.head_dim
-        q, k, v = mw.qkv(x).reshape(B, n, 3, H, d).permute(2, 3, 0, 1, 4)  # each (H, B, n, d)
-        heads = []
-        for h, w in enumerate(mw.windows):
-            span = min(w, n)
-            qh, kh, vh = (t[h].reshape(B, n // span, span, d) for t in (q, k, v))  # (B, n/w, w, d)
-            scores = qh @ kh.transpose(-1, -2) * d ** -0.5
-            if str(h) in mw.rel_pos:
-                i = torch.arange(span, device=x.device)
-                scores = scores + mw.rel_pos[str(h)][i[:, None] - i[None, :] + w - 1]
-            heads.append((scores.softmax(-1) @ vh).reshape(B, n, d))
-        return mw.proj(torch.stack(heads, dim=2).reshape(B, n, H * d))
+        return multiwindow_attention_reference(self.mw, x, positions)
 
 
 def attention_variants(cfg: BenchConfig, device: torch.device) -> dict[str, nn.Module]:

@@ -1,11 +1,12 @@
-"""MW-MHA against a plain per-head loop (float64), locality, and the all-global case."""
+"""MW-MHA against the plain per-head reference (float64), locality, and the all-global case."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import Attention, MultiWindowAttention, set_backend, window_sizes
+from attention import (TRUNCATED_NORMAL_STD, Attention, MultiWindowAttention, multiwindow_attention_reference,
+                       set_backend, window_runs, window_sizes)
 
 
 @pytest.fixture(autouse=True)
@@ -13,27 +14,6 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
-
-
-def per_head_loop(attn: MultiWindowAttention, x: torch.Tensor) -> torch.Tensor:
-    """The official approach written plainly: one head at a time, one window at a time."""
-    B, n, _ = x.shape
-    H, d = attn.num_heads, attn.head_dim
-    q, k, v = attn.qkv(x).reshape(B, n, 3, H, d).unbind(2)  # each (B, n, H, d)
-    heads = []
-    for h, w in enumerate(attn.windows):
-        w = min(w, n)
-        out = torch.empty(B, n, d)
-        for s in range(0, n, w):
-            qh, kh, vh = (t[:, s:s + w, h] for t in (q, k, v))  # (B, w, d)
-            scores = qh @ kh.transpose(1, 2) / math.sqrt(d)
-            if str(h) in attn.rel_pos:
-                table = attn.rel_pos[str(h)].detach()
-                bias = torch.tensor([[table[i - j + attn.windows[h] - 1] for j in range(w)] for i in range(w)])
-                scores = scores + bias
-            out[:, s:s + w] = scores.softmax(-1) @ vh
-        heads.append(out)
-    return attn.proj(torch.cat(heads, dim=-1))
 
 
 def randomise(module: torch.nn.Module, seed: int = 0) -> None:
@@ -48,16 +28,40 @@ def test_window_rule():
     assert len(window_sizes(640)) == 16  # 5 x 5 patches: 40 x 16 grid
 
 
+def test_window_runs_group_consecutive_heads():
+    assert window_runs(window_sizes(250)) == [
+        (2, range(0, 1)), (5, range(1, 2)), (10, range(2, 3)), (25, range(3, 4)),
+        (50, range(4, 5)), (125, range(5, 6)), (250, range(6, 8))]
+    assert window_runs([250, 2, 2, 250]) == [(250, range(0, 1)), (2, range(1, 3)), (250, range(3, 4))]
+
+
+def test_truncated_normal_std():
+    """The constant is the std of N(0, 1) truncated to [-2, 2], so dividing by it gives
+    truncated samples the wanted std."""
+    density, inside = math.exp(-2) / math.sqrt(2 * math.pi), math.erf(2 / math.sqrt(2))
+    assert TRUNCATED_NORMAL_STD == pytest.approx(math.sqrt(1 - 4 * density / inside), abs=1e-15)
+    samples = torch.nn.init.trunc_normal_(torch.empty(1_000_000), std=0.1 / TRUNCATED_NORMAL_STD,
+                                          a=-0.2 / TRUNCATED_NORMAL_STD, b=0.2 / TRUNCATED_NORMAL_STD)
+    assert samples.std() == pytest.approx(0.1, rel=0.01)
+
+
+def test_reference_with_rope_and_positions():
+    attn = MultiWindowAttention(48, [2, 5, 10, 10, 50, 50], 50, rope=True)
+    randomise(attn)
+    x, positions = torch.randn(2, 50, 48), torch.randperm(50).expand(2, -1)
+    assert (attn(x, positions) - multiwindow_attention_reference(attn, x, positions)).abs().max() <= 1e-10
+
+
 @pytest.mark.parametrize("windows", [
     [2, 5, 10, 25, 50, 125, 250, 250],   # the paper's decoder
     [250, 2, 10, 2, 250, 5],             # heads of a size not adjacent: regrouped and restored
 ])
 @pytest.mark.parametrize("rel_pos_bias", [True, False])
-def test_equals_per_head_loop(windows, rel_pos_bias):
+def test_equals_reference(windows, rel_pos_bias):
     attn = MultiWindowAttention(6 * len(windows), windows, 250, rel_pos_bias=rel_pos_bias)
     randomise(attn)
     x = torch.randn(2, 250, 6 * len(windows))
-    assert (attn(x) - per_head_loop(attn, x)).abs().max() <= 1e-10
+    assert (attn(x) - multiwindow_attention_reference(attn, x)).abs().max() <= 1e-10
 
 
 def test_short_sequence_clips_windows():
@@ -65,7 +69,7 @@ def test_short_sequence_clips_windows():
     attn = MultiWindowAttention(48, window_sizes(250), 250)
     randomise(attn)
     x = torch.randn(2, 50, 48)
-    assert (attn(x) - per_head_loop(attn, x)).abs().max() <= 1e-10
+    assert (attn(x) - multiwindow_attention_reference(attn, x)).abs().max() <= 1e-10
 
 
 @pytest.mark.parametrize("w", [2, 5, 25])
