@@ -25,12 +25,11 @@ safetensors. It is organised in sections:
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
+import json
 import os
 import pickle
 import re
-import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,7 +42,9 @@ import numpy as np
 import torch
 
 from attention import window_sizes
-from mae import MAE, SIZES, MAEConfig, load_pretrained, parse_overrides, save_pretrained
+from files import shown
+from mae import (MAE, SIZES, CheckpointError, MAEConfig, config_for_weights, load_pretrained,
+                 model_file_kind, parse_overrides, save_pretrained)
 
 
 # ============================================================================
@@ -72,6 +73,13 @@ _CHUNKED_ARRAY_MARKER = "__msgpack_chunked_array__"
 # Upper bound for the streaming unpacker's buffer. It has to hold the largest
 # single msgpack item (flax chunks arrays at 2**30 bytes), not the whole file.
 _MSGPACK_MAX_BUFFER = 2**31 - 1
+
+# A gzip'd checkpoint may inflate to at most this many times its size (and to 64 MiB whatever
+# its size). Float weights barely compress (a trained model's about 1.1x; the release's step-0
+# file, with zeroed optimizer moments, 3.3x), while a gzip bomb inflates a thousandfold: a
+# 1 MB bomb stops at 64 MB instead of filling memory with gigabytes.
+_MAX_INFLATION = 50
+_MIN_INFLATED_LIMIT = 64 * 2**20
 
 
 def _is_msgpack_map_start(first_byte: int) -> bool:
@@ -207,12 +215,37 @@ def _flatten_flax_tree(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]
     return flat
 
 
+class _BoundedReader:
+    """A binary stream that refuses to yield more than ``limit`` bytes: reading a gzip bomb
+    stops with a ValueError once that much has been inflated."""
+
+    def __init__(self, stream, limit: int):
+        self.stream, self.limit, self.count = stream, limit, 0
+
+    def read(self, size: int = -1) -> bytes:
+        room = self.limit - self.count + 1  # one byte more than allowed tells a bomb
+        data = self.stream.read(room if size < 0 else min(size, room))
+        self.count += len(data)
+        if self.count > self.limit:
+            raise ValueError(f"it inflates to more than {self.limit:,} bytes ({_MAX_INFLATION}x "
+                             "its size): not a gzip'd checkpoint")
+        return data
+
+    def __enter__(self) -> "_BoundedReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stream.close()
+
+
 def _open_maybe_gzip(path: Path):
-    """Open ``path`` for binary reading, transparently un-gzipping it."""
+    """Open ``path`` for binary reading, transparently un-gzipping it (with a bound on the
+    inflated size, see ``_MAX_INFLATION``)."""
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic == _GZIP_MAGIC:
-        return gzip.open(path, "rb")
+        limit = max(_MAX_INFLATION * path.stat().st_size, _MIN_INFLATED_LIMIT)
+        return _BoundedReader(gzip.open(path, "rb"), limit)
     return open(path, "rb")
 
 
@@ -248,11 +281,9 @@ def read_flax_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         )
     not_a_checkpoint = f"{path} is not a flax msgpack checkpoint"
     try:
+        if not _is_flax_checkpoint(path):
+            raise ValueError(f"{not_a_checkpoint}: it does not start with a msgpack map")
         with _open_maybe_gzip(path) as stream:
-            first = stream.read(1)
-            if not first or not _is_msgpack_map_start(first[0]):
-                raise ValueError(f"{not_a_checkpoint}: it does not start with a msgpack map")
-            stream.seek(0)
             unpacker = msgpack.Unpacker(
                 stream,
                 ext_hook=_flax_ext_hook,
@@ -435,7 +466,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as err:
         message = str(err)
         match = _REFUSED_GLOBAL.search(message)
-        detail = message.split("WeightsUnpickler error:", 1)[-1].strip()
+        # torch's text goes on with advice to load the file unsafely: keep its first sentence.
+        detail = message.split("WeightsUnpickler error:", 1)[-1].strip().split(". ")[0].splitlines()[0]
         if match:
             reason = (
                 f"it references the global {match.group(1)!r}, which is not on the "
@@ -448,10 +480,10 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             f"refusing to load {os.fspath(path)}: {reason}; nothing in it was executed. "
             f"Unpickler said: {detail}"
         ) from None
-    except (EOFError, IndexError, KeyError, struct.error, UnicodeDecodeError, RuntimeError) as err:
-        # Truncated or foreign files (e.g. "Invalid magic number", a bad zip).
+    except Exception as err:  # truncated or foreign files fail in many ways (a bad zip, EOF, ...)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(
-            f"{os.fspath(path)} is not a readable torch checkpoint: {type(err).__name__}: {err}"
+            f"{os.fspath(path)} is not a readable torch checkpoint: {type(err).__name__}: {first_line}"
         ) from err
 
 
@@ -485,7 +517,11 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ValueError: the file holds neither a state dict nor a dict with one
             under ``'model'``.
     """
-    obj = safe_torch_load(path)
+    return _official_torch_state(safe_torch_load(path), path)
+
+
+def _official_torch_state(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights in a loaded official checkpoint: see :func:`read_torch_checkpoint`."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"{os.fspath(path)} holds a {type(obj).__name__}, not a dict")
     if isinstance(obj.get("model"), Mapping):
@@ -599,27 +635,77 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides) -> MAEConfig:
 
 def convert(path: str | os.PathLike, **overrides) -> MAE:
     """Any supported checkpoint -> our model: an official MW-MAE / MAE flax file, an official
-    AudioMAE++ .pth (or state dict), or one of ours (.safetensors, or train.py's checkpoint)."""
+    AudioMAE++ .pth (or state dict), or one of ours (.safetensors, or train.py's checkpoint).
+    The kind of file is told by its first bytes. Raises ValueError (CheckpointError for a file
+    that cannot be used) with a one-line message."""
     path = Path(path)
-    if path.suffix == ".safetensors" or _is_our_checkpoint(path):
-        model = load_pretrained(path)
-        return MAE(dataclasses.replace(model.cfg, **overrides)) if overrides else model
-    if _is_flax_checkpoint(path):
+    kind = model_file_kind(path)
+    if kind == "safetensors":
+        return keep_weights(load_pretrained(path), overrides)
+    if kind in ("torch", "torch-legacy"):
+        checkpoint = safe_torch_load(path)
+        if isinstance(checkpoint, Mapping) and {"config", "model"} <= checkpoint.keys():
+            return keep_weights(load_pretrained(path), overrides)  # ours: checked by mae
+        # The AudioMAE++ release applies norm2 again before its SwiGLU (norm3 unused).
+        state = audiomaepp_to_state_dict(_official_torch_state(checkpoint, path))
+        release = dict(reuse_norm2=True)
+    elif _may_be_flax(path):
         # The MW-MAE release trains its position tables (they are parameters there).
         state, release = flax_to_state_dict(read_flax_checkpoint(path)), dict(trainable_pos=True)
     else:
-        # The AudioMAE++ release applies norm2 again before its SwiGLU (norm3 unused).
-        state, release = audiomaepp_to_state_dict(read_torch_checkpoint(path)), dict(reuse_norm2=True)
-    model = MAE(infer_config(state, **{**release, **overrides}))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _FIXED_BUFFERS]
-    if missing or unexpected:
-        raise ValueError(f"{os.fspath(path)}: weights do not fit the inferred model "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}); override the config")
-    return model
+        raise CheckpointError(f"{shown(path)}: not a checkpoint convert.py reads (neither safetensors, "
+                              "a torch checkpoint nor a flax msgpack checkpoint)")
+    return _official_model(path, state, {**release, **overrides})
 
 
 _FIXED_BUFFERS = ("pos_embed", "decoder_pos_embed")  # absent from some files: the sin-cos init stands
+
+
+def _official_model(path: Path, state: dict[str, torch.Tensor], overrides: dict) -> MAE:
+    """Our model holding an official file's weights (in our names), its config inferred from
+    them and checked against them before the model is built."""
+    try:
+        cfg = infer_config(state, **overrides)
+    except KeyError as error:
+        raise CheckpointError(f"{shown(path)}: no tensor {error} in it: not an MW-MAE, MAE or "
+                              "AudioMAE++ model") from None
+    except (IndexError, TypeError, ZeroDivisionError):
+        raise CheckpointError(f"{shown(path)}: its tensors have shapes of no MW-MAE, MAE or "
+                              "AudioMAE++ model") from None
+    except ValueError as error:
+        raise CheckpointError(f"{shown(path)}: {error}") from None
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    try:
+        config_for_weights(cfg.to_dict(), shapes, optional=_FIXED_BUFFERS)
+    except ValueError as error:
+        raise CheckpointError(f"{shown(path)}: the weights do not fit the inferred model ({error}); "
+                              "override the config with --set") from None
+    model = MAE(cfg)
+    model.load_state_dict(state, strict=False)  # strict but for _FIXED_BUFFERS, checked above
+    return model
+
+
+def _shown_overrides(overrides: dict) -> str:
+    return " ".join(f"--set {key}={value if isinstance(value, str) else json.dumps(value)}"
+                    for key, value in overrides.items())
+
+
+def keep_weights(model: MAE, overrides: dict) -> MAE:
+    """`model` under its config changed by `overrides`, with the same weights. Only changes
+    that keep every tensor's name and shape are accepted (e.g. mask_ratio, or decoder_heads
+    where the width divides evenly); any other raises ValueError naming a tensor that would
+    change."""
+    if not overrides:
+        return model
+    state = model.state_dict()
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    try:
+        cfg = config_for_weights({**model.cfg.to_dict(), **overrides}, shapes)
+    except ValueError as error:
+        raise ValueError(f"{_shown_overrides(overrides)} does not keep the weights: {error}") from None
+    changed = MAE(cfg)
+    changed.load_state_dict(state)
+    return changed
 
 
 def _is_flax_checkpoint(path: Path) -> bool:
@@ -628,14 +714,11 @@ def _is_flax_checkpoint(path: Path) -> bool:
     return bool(first) and _is_msgpack_map_start(first[0])
 
 
-def _is_our_checkpoint(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return False
-    return isinstance(obj, dict) and {"config", "model"} <= obj.keys()
+def _may_be_flax(path: Path) -> bool:
+    """Whether the file is gzip'd or starts with a msgpack map (read_flax_checkpoint tells more)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == _GZIP_MAGIC or (bool(head) and _is_msgpack_map_start(head[0]))
 
 
 # ============================================================================
@@ -654,8 +737,8 @@ def cli(checkpoint: Path, out: Path, overrides: tuple[str, ...]):
     evaluate.py and train.py."""
     try:
         model = convert(checkpoint, **parse_overrides(overrides))
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
+    except (ValueError, OSError) as error:  # CheckpointError and the readers' errors included
+        raise click.ClickException(" ".join(str(error).split())) from None
     save_pretrained(model, out)
     cfg = model.cfg
     click.echo(f"{checkpoint} -> {out}: {cfg.block} blocks, dim {cfg.embed_dim} x {cfg.depth}, "
