@@ -8,7 +8,9 @@ HEAR API (module level, so `embed` is a HEAR module as it is)
     get_scene_embeddings(audio (n, samples), model) -> float32 (n, D)
     get_timestamp_embeddings(audio (n, samples), model) -> (float32 (n, T, D), float32 (n, T) ms)
 Audio is 16 kHz mono in [-1, 1]; results are on the device of `audio`, the work is done on
-the model's device (`model.to("cuda")`).
+the model's device (`model.to("cuda")`). Each sound needs at least one 25-ms window (400
+samples); NaN or Inf samples, or a log-mel that is not finite (samples far beyond full
+scale overflow the power spectrum), raise ValueError naming the rows: never NaN embeddings.
 
 From audio to frames (16 kHz, hop 160 samples = 10 ms, patch height 4 mel frames = 40 ms)
 ----------------------------------------------------------------------------------------
@@ -39,17 +41,24 @@ only to compare with the paper's tables; the default "time" layout is the correc
 Command line
 ------------
     python embed.py MODEL AUDIO_DIR... --out OUT [--timestamps] [--batch-size 32]
-                    [--device auto|cpu|cuda] [--layout time|official]
+                    [--device auto|cpu|cuda] [--layout time|official] [--overwrite]
 writes OUT/embeddings.npy (float32 [files, D], scene embeddings), OUT/files.txt (one path per
 row), OUT/model.json (what made the embeddings), OUT/bad_files.tsv (path<TAB>reason for every
-file that could not be read; they are skipped) and, with --timestamps, OUT/timestamps/<row>.npz
-(embeddings [T, D], timestamps [T] ms).
+file that could not be used: unreadable, not a regular file, non-finite log-mel; they are
+skipped) and, with --timestamps, OUT/timestamps/<row>.npz (embeddings [T, D], timestamps
+[T] ms). File names are written as the system gives them (surrogate escapes: exact bytes).
+OUT is locked while embed runs and must be new or empty unless --overwrite is given (which
+first deletes the outputs above, so none of an earlier run survives). Bad options, models
+or inputs, and a run that finds no usable audio, end with one line and a non-zero exit.
 """
 from __future__ import annotations
 
+import csv
+import difflib
+import io
 import itertools
-import json
 import math
+import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -66,6 +75,9 @@ import mae
 SAMPLE_RATE = data.SAMPLE_RATE
 SEGMENT_FRAMES = 6000  # log-mel of long clips in segments of 60 s
 LAYOUTS = ("time", "official")
+MIN_SAMPLES = data.N_FFT  # one 25-ms analysis window: the shortest sound the HEAR API takes
+MAX_CHANNELS = 8  # a 2-D input whose second dimension is this small is channels, not time
+OUTPUTS = ("embeddings.npy", "files.txt", "bad_files.tsv", "model.json", "timestamps")  # in --out
 
 
 # ----------------------------------------------------------------------------- frame arithmetic
@@ -166,11 +178,18 @@ class Embedder(nn.Module):
         return out
 
     @torch.no_grad()
-    def chunks(self, wave: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """(samples,) -> normalised chunks (C, 200, 80) and the frames each one keeps."""
+    def chunks(self, wave: torch.Tensor, what: str = "clip") -> tuple[torch.Tensor, list[int]]:
+        """(samples,) -> normalised chunks (C, 200, 80) and the frames each one keeps.
+
+        Every way audio enters embedding (files, the HEAR API) passes here, so this is where
+        the log-mel is checked: data.check_finite raises AudioError(what, "log-mel not
+        finite ...") for NaN/Inf samples or samples that overflow the frontend (e.g. 1e30),
+        which would otherwise give an all-NaN embedding."""
         T = self.num_frames(wave.shape[-1])
         C = math.ceil(T / self.frames_per_chunk)
-        x = data.normalize(self.log_mel(wave))[: C * self.chunk_frames]  # (<= C * 200, 80)
+        log_mel = self.log_mel(wave)
+        data.check_finite(log_mel, what)
+        x = data.normalize(log_mel)[: C * self.chunk_frames]  # (<= C * 200, 80)
         if x.shape[0] < C * self.chunk_frames:
             x = x[reflect_indices(x.shape[0], C * self.chunk_frames).to(x.device)]
         kept = [self.frames_per_chunk] * (C - 1) + [T - self.frames_per_chunk * (C - 1)]
@@ -188,7 +207,11 @@ class Embedder(nn.Module):
 def load_model(model_file_path: str = "mwmae-tiny", layout: str = "time", seed: int = 0,
                batch_size: int = 32) -> Embedder:
     """HEAR entry point: a checkpoint file (mae.load_pretrained) or a preset name from
-    mae.PRESETS, which gives a random initialisation drawn with torch seed `seed`."""
+    mae.PRESETS, which gives a random initialisation drawn with torch seed `seed`.
+
+    Raises mae.CheckpointError (a ValueError) for a file that is not a model, ValueError for
+    an unknown name, FileNotFoundError for a missing file (a name with a folder or suffix);
+    every message is one line naming the file."""
     name = str(model_file_path)
     if name in mae.PRESETS:
         with torch.random.fork_rng(devices=[]):
@@ -200,11 +223,27 @@ def load_model(model_file_path: str = "mwmae-tiny", layout: str = "time", seed: 
         stat = Path(name).stat()
         source = f"{Path(name).resolve()} ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
     else:
-        raise FileNotFoundError(f"{name!r} is neither a checkpoint file nor a preset ({', '.join(mae.PRESETS)})")
+        raise unknown_model(name)
     return Embedder(model, layout=layout, batch_size=batch_size, source=source)
 
 
+def unknown_model(name: str) -> Exception:
+    """The error for a MODEL that is neither a preset nor a regular file, with the presets
+    closest to what was typed (a misspelt preset is the usual cause)."""
+    if os.path.lexists(name):
+        return mae.CheckpointError(f"{files.shown(name)}: not a model file (not a regular file)")
+    closest = difflib.get_close_matches(name, mae.PRESETS, n=1)
+    hint = f"; did you mean {closest[0]}?" if closest else ""
+    message = (f"{files.shown(name)!r} is neither a model file nor a preset{hint} "
+               f"(presets: {', '.join(mae.PRESETS)})")
+    looks_like_a_path = os.sep in name or Path(name).suffix
+    return FileNotFoundError(message) if looks_like_a_path else ValueError(message)
+
+
 # ----------------------------------------------------------------------------- streaming core
+
+Prepared = tuple[int, torch.Tensor, list[int]]  # (clip index, chunks (C, 200, 80), frames kept per chunk)
+
 
 def frame_pieces(clips: Iterable, model: Embedder) -> Iterator[tuple[int, torch.Tensor]]:
     """Frame embeddings of a stream of clips, computed in batches of chunks across clips.
@@ -212,13 +251,30 @@ def frame_pieces(clips: Iterable, model: Embedder) -> Iterator[tuple[int, torch.
     clips: 1-D waveforms (tensors or arrays, 16 kHz). Yields (clip index, frames (t, D)) on the
     model's device; the pieces of a clip come one after another and concatenate to its
     (T, D) timestamp embedding. Only `model.batch_size` chunks are encoded at a time.
+    Raises ValueError for a clip that is not a non-empty 1-D waveform or whose log-mel is not
+    finite ("clip 3: log-mel not finite ...").
     """
-    queue: list[tuple[int, torch.Tensor, int]] = []  # (clip index, chunk (200, 80), frames kept)
+    return encode_chunks(wave_chunks(clips, model), model)
+
+
+def wave_chunks(clips: Iterable, model: Embedder) -> Iterator[Prepared]:
+    """The normalised chunks of each waveform, one clip at a time."""
     for index, wave in enumerate(clips):
         wave = torch.as_tensor(wave, dtype=torch.float32)
         if wave.ndim != 1 or wave.numel() == 0:
             raise ValueError(f"clip {index}: expected a non-empty 1-D waveform, got shape {tuple(wave.shape)}")
-        chunks, kept = model.chunks(wave)
+        try:
+            chunks, kept = model.chunks(wave, what=f"clip {index}")
+        except data.AudioError as error:  # the HEAR API promises ValueError for bad input
+            raise ValueError(str(error)) from None
+        yield index, chunks, kept
+
+
+def encode_chunks(prepared: Iterable[Prepared], model: Embedder) -> Iterator[tuple[int, torch.Tensor]]:
+    """Encode the chunks of consecutive clips `model.batch_size` at a time; yields
+    (clip index, frames (t, D)) pieces in clip order."""
+    queue: list[tuple[int, torch.Tensor, int]] = []  # (clip index, chunk (200, 80), frames kept)
+    for index, chunks, kept in prepared:
         queue.extend(zip(itertools.repeat(index), chunks, kept))
         while len(queue) >= model.batch_size:
             yield from _encode(queue[: model.batch_size], model)
@@ -235,28 +291,54 @@ def _encode(batch: list[tuple[int, torch.Tensor, int]], model: Embedder) -> Iter
         yield index, torch.cat([frames for _, frames in group])
 
 
+def whole_clips(pieces: Iterable[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Pieces joined into (clip index, frame embeddings (T, D)) per clip."""
+    for index, group in itertools.groupby(pieces, key=lambda item: item[0]):
+        yield index, torch.cat([frames for _, frames in group])
+
+
+def clip_means(pieces: Iterable[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(clip index, mean frame embedding (D,)) per clip, as running sums over its pieces."""
+    for index, group in itertools.groupby(pieces, key=lambda item: item[0]):
+        total, count = 0.0, 0
+        for _, frames in group:
+            total, count = total + frames.sum(0), count + frames.shape[0]
+        yield index, total / count
+
+
 def timestamp_embeddings(clips: Iterable, model: Embedder) -> Iterator[tuple[int, torch.Tensor]]:
     """(clip index, frame embeddings (T, D)) for every clip, in order."""
-    for index, pieces in itertools.groupby(frame_pieces(clips, model), key=lambda item: item[0]):
-        yield index, torch.cat([frames for _, frames in pieces])
+    return whole_clips(frame_pieces(clips, model))
 
 
 def scene_embeddings(clips: Iterable, model: Embedder) -> Iterator[tuple[int, torch.Tensor]]:
     """(clip index, mean frame embedding (D,)) for every clip, in order, as running sums."""
-    for index, pieces in itertools.groupby(frame_pieces(clips, model), key=lambda item: item[0]):
-        total, count = 0.0, 0
-        for _, frames in pieces:
-            total, count = total + frames.sum(0), count + frames.shape[0]
-        yield index, total / count
+    return clip_means(frame_pieces(clips, model))
 
 
 # ----------------------------------------------------------------------------- HEAR functions
 
 def _check_batch(audio) -> torch.Tensor:
+    """The HEAR input as float32 (n_sounds, n_samples), refusing what would give garbage:
+    channel-shaped or too-short sounds (e.g. (32000, 2) would be 32,000 sounds of 2 samples)
+    and NaN/Inf samples (named by row, before any work; values that overflow the frontend
+    are caught after it, in Embedder.chunks)."""
     audio = torch.as_tensor(audio)
+    shape = tuple(audio.shape)
     if audio.ndim != 2 or audio.shape[0] == 0 or audio.shape[1] == 0:
-        raise ValueError(f"expected audio of shape (n_sounds, n_samples), got {tuple(audio.shape)}")
-    return audio.float()
+        raise ValueError(f"expected audio of shape (n_sounds, n_samples), got {shape}")
+    if audio.shape[1] < MIN_SAMPLES:
+        if audio.shape[1] <= MAX_CHANNELS < audio.shape[0]:
+            raise ValueError(f"expected (n_sounds, n_samples) mono audio; got {shape}: "
+                             f"pass audio.T / mix down channels")
+        raise ValueError(f"each sound needs at least {MIN_SAMPLES} samples (one 25-ms window at "
+                         f"{SAMPLE_RATE} Hz); got audio of shape {shape}")
+    audio = audio.float()
+    bad_rows = (~torch.isfinite(audio)).any(dim=1).nonzero().flatten().tolist()
+    if bad_rows:
+        listed = ", ".join(map(str, bad_rows[:10])) + (", ..." if len(bad_rows) > 10 else "")
+        raise ValueError(f"audio rows {listed} ({len(bad_rows)} of {shape[0]}) hold NaN or Inf samples")
+    return audio
 
 
 def get_scene_embeddings(audio, model: Embedder) -> torch.Tensor:
@@ -277,17 +359,30 @@ def get_timestamp_embeddings(audio, model: Embedder) -> tuple[torch.Tensor, torc
 
 # ----------------------------------------------------------------------------- files
 
-def read_clips(paths: Iterable[str], good: list[str], bad: dict[str, str]) -> Iterator[np.ndarray]:
-    """Waveforms of the readable files; appends each yielded path to `good` and records
-    every unreadable one in `bad` (path -> reason) instead of raising."""
+def file_chunks(paths: Iterable[str], model: Embedder, usable: list[str], bad: dict[str, str]) -> Iterator[Prepared]:
+    """The chunks of every usable file, numbered in order; appends each such path to `usable`
+    and records every other one in `bad` (path -> reason: unreadable, not a regular file,
+    non-finite log-mel) instead of raising."""
     for path in paths:
         try:
-            wave = data.load_audio(path)
+            wave = torch.from_numpy(data.load_audio(path))
+            chunks, kept = model.chunks(wave, what=files.shown(path))
         except data.AudioError as error:
             bad[path] = error.reason
             continue
-        good.append(path)
-        yield wave
+        usable.append(path)
+        yield len(usable) - 1, chunks, kept
+
+
+def embed_files(paths: Iterable[str], model: Embedder, bad: dict[str, str],
+                timestamps: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, embedding) for every usable file, in order: the scene embedding (D,), or with
+    `timestamps` the frame embeddings (T, D). Files that cannot be used are left out and
+    recorded in `bad` as {path: reason}; no NaN embedding is ever yielded."""
+    usable: list[str] = []
+    pieces = encode_chunks(file_chunks(paths, model, usable, bad), model)
+    for index, embedding in whole_clips(pieces) if timestamps else clip_means(pieces):
+        yield usable[index], embedding
 
 
 def pick_device(device: str) -> str:
@@ -299,8 +394,11 @@ def pick_device(device: str) -> str:
 
 
 def write_bad_files(path: Path, bad: dict[str, str]) -> None:
-    text = "".join(f"{name}\t{reason}\n" for name, reason in sorted(bad.items()))
-    files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """path<TAB>reason lines, sorted; csv quoting keeps names with tabs or newlines intact and
+    file names are written as their own bytes (data.read_bad_files reads the same format)."""
+    text = io.StringIO()
+    csv.writer(text, delimiter="\t", lineterminator="\n").writerows(sorted(bad.items()))
+    files.write_text(path, text.getvalue())
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -317,44 +415,91 @@ def save_npz(path: Path, **arrays) -> None:
     files.atomic_write(path, write)
 
 
+def load_model_or_fail(model_path: str, **options) -> Embedder:
+    """load_model for the command line: any problem with MODEL is one line, and a preset
+    (random weights) is said so on stderr, since it is easily mistaken for a trained model."""
+    try:
+        model = load_model(model_path, **options)
+    except (ValueError, OSError) as error:  # mae.CheckpointError is a ValueError
+        raise click.ClickException(str(error)) from None
+    if model_path in mae.PRESETS:
+        click.echo(f"{model_path} is a preset: random initialisation (seed {options['seed']}), "
+                   f"not pretrained weights", err=True)
+    return model
+
+
+def find_audio_or_fail(audio_dirs: tuple[str, ...], bad: dict[str, str]) -> list[str]:
+    """The regular files under AUDIO_DIR... (anything else goes into `bad`); none is an error."""
+    try:
+        paths = data.find_files(audio_dirs, skipped=bad)
+    except OSError as error:
+        raise click.ClickException(f"cannot list the audio: {error}") from None
+    if not paths and not bad:
+        raise click.ClickException(f"no audio files found under {', '.join(map(files.shown, audio_dirs))}")
+    return paths
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def embed_into(out: Path, model: Embedder, paths: list[str], bad: dict[str, str],
+               timestamps: bool) -> tuple[list[str], list[np.ndarray]]:
+    """Embed `paths`, writing OUT/timestamps/<row>.npz on the way if asked; returns the
+    embedded files and their scene embeddings (D,). Unusable files go to `bad`."""
+    good, rows = [], []
+    for path, embedding in embed_files(tqdm(paths, desc="embedding", unit="file"), model, bad, timestamps):
+        embedding = embedding.cpu()
+        if timestamps:
+            stamps = frame_timestamps(embedding.shape[0], model.patch_frames).numpy()
+            save_npz(out / "timestamps" / f"{len(rows):06d}.npz", embeddings=embedding.numpy(), timestamps=stamps)
+            embedding = embedding.mean(0)
+        good.append(path)
+        rows.append(embedding.numpy())
+    return good, rows
+
+
 @click.command()
 @click.argument("model_path", metavar="MODEL")
 @click.argument("audio_dirs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty, see --overwrite).")
 @click.option("--timestamps", is_flag=True, help="Also write per-file timestamp embeddings.")
-@click.option("--batch-size", default=32, show_default=True, help="2-s chunks per forward pass.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="2-s chunks per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--layout", type=click.Choice(LAYOUTS), default="time", show_default=True,
               help="'official' reproduces the AudioMAE++ release's scrambled layout.")
 @click.option("--seed", default=0, show_default=True, help="Seed of a preset's random initialisation.")
-def main(model_path, audio_dirs, out, timestamps, batch_size, device, layout, seed):
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in --out.")
+def main(model_path, audio_dirs, out, timestamps, batch_size, device, layout, seed, overwrite):
     """Embed every audio file under AUDIO_DIR... with MODEL (a checkpoint or a preset name).
 
     Writes OUT/embeddings.npy (scene embeddings, float32 [files, D]), OUT/files.txt (the file
-    of each row), OUT/bad_files.tsv (unreadable files, skipped) and, with --timestamps,
-    OUT/timestamps/<row>.npz holding `embeddings` [T, D] and `timestamps` [T] (ms).
+    of each row), OUT/bad_files.tsv (files that could not be used, skipped) and, with
+    --timestamps, OUT/timestamps/<row>.npz holding `embeddings` [T, D] and `timestamps` [T] (ms).
     """
     out = Path(out)
-    model = load_model(model_path, layout=layout, seed=seed, batch_size=batch_size).to(pick_device(device))
-    paths = data.find_files(audio_dirs)
-    good, bad, rows = [], {}, []
-    clips = read_clips(tqdm(paths, desc="embedding", unit="file"), good, bad)
-    if timestamps:
-        for index, frames in timestamp_embeddings(clips, model):
-            frames = frames.cpu()
-            rows.append(frames.mean(0).numpy())
-            stamps = frame_timestamps(frames.shape[0], model.patch_frames).numpy()
-            save_npz(out / "timestamps" / f"{index:06d}.npz", embeddings=frames.numpy(), timestamps=stamps)
-    else:
-        rows = [embedding.cpu().numpy() for _, embedding in scene_embeddings(clips, model)]
-    embeddings = np.stack(rows) if rows else np.zeros((0, model.scene_embedding_size), np.float32)
-    save_npy(out / "embeddings.npy", embeddings.astype(np.float32))
-    files.atomic_write(out / "files.txt", lambda tmp: Path(tmp).write_text("".join(f"{p}\n" for p in good)))
-    write_bad_files(out / "bad_files.tsv", bad)
-    description = json.dumps(model.describe(), indent=1) + "\n"
-    files.atomic_write(out / "model.json", lambda tmp: Path(tmp).write_text(description))
-    click.echo(f"{len(good)} files embedded -> {out / 'embeddings.npy'} {embeddings.shape}; "
-               f"{len(bad)} bad files skipped (listed in {out / 'bad_files.tsv'})")
+    model = load_model_or_fail(model_path, layout=layout, seed=seed, batch_size=batch_size)
+    model = model.to(pick_device(device))
+    bad: dict[str, str] = {}
+    paths = find_audio_or_fail(audio_dirs, bad)
+    try:
+        with files.OutputFolder(out, own=OUTPUTS, overwrite=overwrite):
+            good, rows = embed_into(out, model, paths, bad, timestamps)
+            write_bad_files(out / "bad_files.tsv", bad)
+            if not good:
+                raise click.ClickException(
+                    f"no readable audio under {', '.join(map(files.shown, audio_dirs))}: "
+                    f"{plural(len(bad), 'file')} skipped, see {files.shown(out / 'bad_files.tsv')}")
+            embeddings = np.stack(rows).astype(np.float32)
+            save_npy(out / "embeddings.npy", embeddings)
+            files.write_text(out / "files.txt", "".join(f"{path}\n" for path in good))
+            files.write_json(out / "model.json", model.describe())
+    except (files.OutputError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{plural(len(good), 'file')} embedded -> {files.shown(out / 'embeddings.npy')} "
+               f"{embeddings.shape}; {plural(len(bad), 'bad file')} skipped "
+               f"(listed in {files.shown(out / 'bad_files.tsv')})")
 
 
 if __name__ == "__main__":
