@@ -651,3 +651,123 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as error:  # not expected after the checks above, but still one line
         raise _error(path, f"the weights do not fit the model ({error})") from None
     return model.to(map_location)
+
+
+# ----------------------------------------------------------------------------- summary
+
+import click  # noqa: E402 - only the command line below needs click
+
+
+def parameter_counts(model: MAE) -> dict[str, int]:
+    """Parameters per part of the model; the parts add up to the total."""
+    parts = {"patch embed": 0, "encoder": 0, "decoder": 0}
+    for name, p in model.named_parameters():
+        if name.startswith("patch_embed."):
+            parts["patch embed"] += p.numel()
+        elif name.startswith(("decoder_", "mask_token")):
+            parts["decoder"] += p.numel()
+        else:  # blocks, final norm, CLS token, trainable positions
+            parts["encoder"] += p.numel()
+    return {**parts, "total": sum(parts.values())}
+
+
+def count_flops(run) -> int:
+    """FLOPs of run() (2 per multiply-add) by torch's FlopCounterMode, which does not know
+    SDPA's fused CPU kernel: it is counted here like the fused GPU kernels (q k^T and p v)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query, key, value, *args, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    cpu_kernel = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_kernel) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def describe_blocks(blocks: nn.ModuleList, dim: int, num_tokens: int) -> list[str]:
+    """Width, depth, heads, MLP sizes and windows of one stack of blocks, read off the modules
+    (windows counted over the num_tokens patches of a clip)."""
+    if not blocks:
+        return [f"dim {dim}, depth 0"]
+    block, attn = blocks[0], blocks[0].attn
+    if isinstance(block, ViTBlock):
+        kind, mlp = "ViT blocks", f"mlp hidden {block.mlp.fc1.out_features}"
+    else:
+        kind = "transformer++ blocks"
+        mlp = f"ffn hidden {block.ffn1.fc1.out_features}, swiglu hidden {block.ffn2.value.out_features}"
+    lines = [f"dim {dim}, depth {len(blocks)}, {attn.num_heads} heads of {attn.head_dim}, {mlp} ({kind})"]
+    if isinstance(attn, MultiWindowAttention):
+        counts = [num_tokens // min(w, num_tokens) for w in attn.windows]
+        bias = "relative position bias" if len(attn.rel_pos) else "no relative position bias"
+        lines.append(f"windows per head {attn.windows} tokens -> {counts} windows over "
+                     f"{num_tokens} tokens, {bias}")
+    return lines
+
+
+def describe_part(part: str, lines: list[str]) -> list[str]:
+    return [f"{part if i == 0 else '':<12} {line}" for i, line in enumerate(lines)]
+
+
+def summary_lines(name: str, model: MAE) -> list[str]:
+    """What a reader wants to know about a model before training it."""
+    cfg = model.cfg
+    (T, F_), (pt, pf), (gt, gf) = cfg.input_size, cfg.patch_size, cfg.grid
+    kept = int(cfg.num_patches * (1 - cfg.mask_ratio) + 1e-6)  # as random_masking
+    return [
+        f"{name}",
+        f"input        {T} x {F_} log-mel (time frames x mel bins), {T / 100:g} s",
+        f"patches      {pt} x {pf} -> {gt} x {gf} = {cfg.num_patches} tokens of {pt * pf} values, "
+        f"CLS token: {'yes' if cfg.cls_token else 'no'}",
+        f"masking      ratio {cfg.mask_ratio:g}: {kept} tokens kept, {cfg.num_patches - kept} masked",
+        *describe_part("encoder", describe_blocks(model.blocks, cfg.embed_dim, cfg.num_patches)),
+        *describe_part("decoder", describe_blocks(model.decoder_blocks, cfg.decoder_dim, cfg.num_patches)),
+        f"embedding    {cfg.embedding_size} per frame of {pt * 10} ms ({gf} x {cfg.embed_dim})",
+        "parameters",
+        *[f"  {part:<30} {count:>13,}" for part, count in parameter_counts(model).items()],
+        f"FLOPs per {T / 100:g}-s clip, forward",
+        *[f"  {what:<30} {count / 1e9:>9.2f} GFLOP" for what, count in clip_flops(model).items()],
+    ]
+
+
+def clip_flops(model: MAE) -> dict[str, int]:
+    """Forward FLOPs of one clip: as an embedding model and as in pretraining."""
+    x = torch.randn(1, *model.cfg.input_size)
+    return {"embeddings (unmasked encoder)": count_flops(lambda: model.forward_features(x)),
+            "training forward (masked)": count_flops(lambda: model(x))}
+
+
+def check_lines(model: MAE, batch: int = 2) -> list[str]:
+    """One forward pass on random input: the shape of every output."""
+    x = torch.randn(batch, *model.cfg.input_size)
+    with torch.no_grad():
+        loss, pred, mask = model(x)
+        features = model.forward_features(x)
+    return [f"check: forward pass on random input {tuple(x.shape)}",
+            f"  loss     {tuple(loss.shape)} = {loss.item():.4f}",
+            f"  pred     {tuple(pred.shape)} (batch, tokens, values per patch)",
+            f"  mask     {tuple(mask.shape)} with {int(mask[0].sum())} masked per clip",
+            f"  features {tuple(features.shape)} (batch, frames, embedding)"]
+
+
+@click.command(context_settings=dict(show_default=True))
+@click.argument("preset", default="mwmae-base")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="Override a config field, e.g. --set decoder_depth=2 (repeatable).")
+@click.option("--check", is_flag=True, help="Also run one forward pass and print the output shapes.")
+def main(preset: str, overrides: tuple[str, ...], check: bool):
+    """The summary of model PRESET: patch grid, masking, block widths, windows, parameters per
+    part and FLOPs per clip. Presets: mae-*, mwmae-*, audiomaepp-* (e.g. mwmae-tiny)."""
+    try:
+        model = build(preset, **parse_overrides(overrides)).eval()
+    except ValueError as error:  # an unknown preset or field, a config that does not fit
+        raise click.ClickException(str(error)) from None
+    except TypeError as error:  # e.g. --set depth=four
+        raise click.ClickException(f"a --set value of the wrong type ({error})") from None
+    name = " ".join((preset, *(f"--set {item}" for item in overrides)))
+    for line in summary_lines(name, model) + (check_lines(model) if check else []):
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()
