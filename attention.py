@@ -122,14 +122,15 @@ def multiwindow_attention_reference(attn: "MultiWindowAttention", x: torch.Tenso
     B, H, n, d = q.shape
     heads = []
     for h, w in enumerate(attn.windows):
-        table = attn.rel_pos[str(h)] if str(h) in attn.rel_pos else None  # 2 w - 1 entries
+        table = attn.rel_pos[str(h)] if str(h) in attn.rel_pos else None
         w = min(w, n)  # a sequence shorter than the window is one window
         # Row u of (B, n/w, w, d) is window u: Q_h^u, K_h^u, V_h^u of Eq. (1).
         qh, kh, vh = (t[:, h].reshape(B, n // w, w, d) for t in (q, k, v))
         scores = qh @ kh.transpose(-1, -2) / math.sqrt(d)  # (B, n/w, w, w)
         if table is not None:
             i = torch.arange(w, device=x.device)
-            scores = scores + table[i[:, None] - i[None, :] + len(table) // 2]  # B_h[i, j]
+            centre = len(table) // 2  # offset i - j = 0: entry w_h - 1 of the 2 w_h - 1
+            scores = scores + table[i[:, None] - i[None, :] + centre]  # B_h[i, j]
         heads.append((scores.softmax(-1) @ vh).reshape(B, n, d))  # windows back in order
     return attn.proj(torch.cat(heads, dim=-1))  # Eq. (2): concat heads, W_O
 
