@@ -184,33 +184,40 @@ class MultiWindowAttention(Attention):
         self.block_masks = {}  # (n, device) -> FlexAttention BlockMask, built on first use
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self.project_qkv(x, positions)  # each (B, H, n, d)
         if self.backend == "flex" or (self.backend == "auto" and x.is_cuda):
-            out = self.flex_attention(q, k, v)
+            out = self.flex_attention(*self.project_qkv(x, positions))  # (B, n, H, d)
         else:
-            # Heads split (not indexed) into runs: the backward pass is one concatenation.
+            qkv = self.packed_qkv(x, positions)  # (B, n, 3, H, d)
             sizes = [len(heads) for _, heads in self.runs]
-            parts = zip(*(t.split(sizes, dim=1) for t in (q, k, v)))  # per run: (B, G, n, d) each
-            out = torch.cat([self.window_attention(*qkv, w, heads)
-                             for (w, heads), qkv in zip(self.runs, parts)], dim=2)
+            out = torch.cat([self.window_attention(part, w, heads)  # part: (B, n, 3, G, d)
+                             for (w, heads), part in zip(self.runs, qkv.split(sizes, dim=3))], dim=2)
         return self.proj(out.flatten(2))  # Eq. (2): concat heads (B, n, H * d), W_O
 
     # --- "reshape" backend: Eq. (1) for one run of heads in one call --------------------
-    def window_attention(self, q, k, v, w: int, heads: range) -> torch.Tensor:
+    def packed_qkv(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """q, k, v of every head side by side per token: (B, n, 3, H, d). Without RoPE a view
+        of the qkv projection, so everything up to the attention kernels is a view of one
+        tensor and the backward pass writes all heads' gradients back with one concatenation
+        (separate q, k, v tensors would cost an extra copy)."""
+        if self.rope:  # rotated copies of q and k: (B, H, 3, n, d) -> (B, n, 3, H, d)
+            return torch.stack(self.project_qkv(x, positions), dim=2).transpose(1, 3)
+        B, n, _ = x.shape
+        return self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim)
+
+    def window_attention(self, qkv: torch.Tensor, w: int, heads: range) -> torch.Tensor:
         """Eq. (1) for the G heads of a run that share window size w.
-        q, k, v: (B, G, n, d) -> (B, n, G, d)."""
-        B, G, n, d = q.shape
+        qkv: (B, n, 3, G, d) -> (B, n, G, d)."""
+        B, n, _, G, d = qkv.shape
         w = min(w, n)  # a sequence shorter than the window is one window
         if n % w:
             raise ValueError(f"window {w} does not divide the sequence length {n}")
-        # Cut the sequence into its n/w windows, (B, G, n/w, w, d), and fold the windows into
-        # the batch, (B * n/w, G, w, d): to the kernel each window is a sequence of its own.
-        # A view of the qkv projection, no copy.
-        q, k, v = (t.reshape(B, G, n // w, w, d).transpose(1, 2).reshape(-1, G, w, d)
-                   for t in (q, k, v))
+        # Cut the sequence into its n/w windows of w tokens and fold them into the batch,
+        # (B * n/w, w, 3, G, d), a view: to the kernel each window is a sequence of its own.
+        # Then q, k, v each (B * n/w, G, w, d), heads before tokens as attention wants them.
+        q, k, v = (t.transpose(1, 2) for t in qkv.reshape(-1, w, 3, G, d).unbind(2))
         out = attend(q, k, v, self.relative_bias(heads, w, q))  # (B * n/w, G, w, d)
-        # Unfold: windows back in sequence order, heads next to each other per token.
-        return out.reshape(B, n // w, G, w, d).transpose(2, 3).reshape(B, n, G, d)
+        # Unfold: tokens before heads again, windows back in sequence order.
+        return out.transpose(1, 2).reshape(B, n, G, d)
 
     def relative_bias(self, heads: range, w: int, like: torch.Tensor) -> torch.Tensor | None:
         """B_h[i, j] = table_h[i - j + centre] for i, j < w: (G, w, w), or None for global heads.
