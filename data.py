@@ -76,6 +76,7 @@ import multiprocessing
 import os
 import signal
 import stat
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -766,9 +767,10 @@ class EpochLoader(DataLoader):
 
     A job scheduler (SLURM, Kubernetes, systemd, `timeout`) or Ctrl-C signals every process
     of the job: a worker killed by it would make the main process fail ("DataLoader worker
-    is killed by signal") before it can write its checkpoint. So workers ignore both signals
-    (they still end with the main process, through torch's own watchdog). They are started
-    with both signals blocked, so that no worker can be hit before it ignores them.
+    is killed by signal") before it can write its checkpoint. So workers ignore SIGINT, and
+    obey a SIGTERM only when the main process sends it (torch and multiprocessing end
+    workers that way). Workers start with both signals blocked, so none is hit before its
+    init function has set this up; they still end with the main process (torch's watchdog).
     """
 
     STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -787,11 +789,23 @@ class EpochLoader(DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     @staticmethod
-    def ignore_stop_signals(worker_id: int) -> None:
-        """Worker init: ignore SIGINT and SIGTERM (pending ones are dropped), then unblock."""
-        for signum in EpochLoader.STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, EpochLoader.STOP_SIGNALS)
+    def leave_stop_signals_to_main(worker_id: int) -> None:
+        """Worker init: ignore SIGINT; keep SIGTERM blocked, for a thread that waits for it
+        (this replaces torch's worker handler, which dies of a SIGTERM from anyone else)."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        main_pid = multiprocessing.parent_process().pid
+        threading.Thread(target=EpochLoader.end_on_sigterm_from, args=(main_pid,),
+                         daemon=True).start()
+
+    @staticmethod
+    def end_on_sigterm_from(main_pid: int) -> None:
+        """Wait for a SIGTERM sent by `main_pid`, then exit quietly as torch's own worker
+        handler does (status 0: not reported as a failed worker); ignore those of others."""
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+            pass  # sent to the whole job: the main process stops the run
+        os._exit(0)
 
 
 def make_loader(
@@ -819,7 +833,7 @@ def make_loader(
                          f"do not fill one batch of {batch_size}")
     return EpochLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                        drop_last=True, pin_memory=pin_memory,
-                       worker_init_fn=EpochLoader.ignore_stop_signals)
+                       worker_init_fn=EpochLoader.leave_stop_signals_to_main)
 
 
 def open_or_prepare_store(

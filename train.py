@@ -57,6 +57,11 @@ import mae
 NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")  # besides 1-D tensors
 MASK_STREAM = 0x6D61736B  # keeps the mask noise apart from data.py's crop randomness
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+FINAL = "model.safetensors"
+POSITIVE = click.IntRange(1)
+BETA = click.FloatRange(0, 1, max_open=True)
+RUN_STATE = ("config", "model", "optimizer", "step", "rng", "data")  # what --resume needs
 
 # Without DATA: the DEMO set and a model and schedule small enough for a laptop CPU.
 # Warm-up: 10 epochs as in the papers (of 100); the DEMO warms up over 10% of its steps, and
@@ -107,18 +112,50 @@ def has_torch_xla() -> bool:
 
 def open_store(paths: tuple[str, ...], cache_dir: Path, workers: int) -> data.FeatureStore:
     """The feature store of DATA (or of the DEMO set). The first process of each machine
-    prepares it while the others wait, then everyone opens it."""
+    prepares it while the others wait, then everyone opens it. A store that cannot be made
+    or read, or that holds no clip, is a one-line error."""
     def prepare():
-        if not paths:
-            return data.prepare_demo(cache_dir / "demo_store", workers=workers)
-        return data.open_or_prepare_store(paths, cache_dir / "stores", workers=workers)
+        try:
+            if not paths:
+                return data.prepare_demo(cache_dir / "demo_store", workers=workers)
+            return data.open_or_prepare_store(paths, cache_dir / "stores", workers=workers)
+        except (ValueError, OSError) as error:
+            raise click.ClickException(str(error)) from None
 
-    if not dist.is_initialized():
-        return prepare()
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        prepare()
-    dist.barrier()
-    return prepare()  # already complete: only opens it
+    if dist.is_initialized():
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            prepare()
+        dist.barrier()
+    store = prepare()  # in a distributed run: already complete, only opens it
+    if len(store) == 0:
+        raise click.ClickException(no_clips_message(store, paths))
+    return store
+
+
+def no_clips_message(store: data.FeatureStore, paths: tuple[str, ...]) -> str:
+    """Why a store is empty: nothing that looked like a file, or only unreadable files."""
+    where = ", ".join(files.shown(path) for path in paths)
+    bad = len(data.read_bad_files(store.root))
+    if bad:
+        return (f"no readable audio under {where}: {bad} file{'s' * (bad != 1)} skipped, "
+                f"see {files.shown(store.root / data.BAD_FILE)}")
+    if len(paths) == 1 and data.FeatureStore.is_store(paths[0]):
+        return f"the store {where} holds no clips"
+    return f"no audio files found under {where}"
+
+
+def check_enough_clips(clips: int, world: int, batch_size: int, accum_steps: int) -> None:
+    """One optimizer step needs batch size x accumulation steps clips in every process."""
+    per_process = clips // world
+    if per_process >= batch_size * accum_steps:
+        return
+    fits = per_process // accum_steps
+    advice = (f"use --batch-size {fits} or less" if fits else
+              f"use --accum-steps {per_process} or less" if per_process else "use fewer processes")
+    raise click.ClickException(
+        f"{clips} clips over {world} process{'es' * (world != 1)} do not fill one optimizer step "
+        f"of batch {batch_size} x {accum_steps} accumulation step{'s' * (accum_steps != 1)}: "
+        f"{advice}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -160,6 +197,84 @@ def micro_batches(loader: data.EpochLoader, seed: int, epoch: int, skip: int, pe
         for ids, crops in itertools.islice(zip(indices, loader), skip, None):
             yield crops, mask_noise(ids, seed, epoch, num_patches)
         epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def own_outputs(out: Path) -> list[str]:
+    """The names train.py writes in --out (OutputFolder takes names, so the figures are listed)."""
+    return [CHECKPOINT, METRICS, FINAL, *sorted(path.name for path in out.glob("recon_step*.png"))]
+
+
+def only_own_outputs(out: Path) -> bool:
+    """True if --out holds nothing but train.py's outputs (and its lock and temporary files)."""
+    ours = {*own_outputs(out), files.LOCK_NAME}
+    return all(path.name in ours or path.name.startswith(".") and
+               path.name.endswith(files.TEMP_SUFFIX) for path in out.iterdir())
+
+
+def claim_output(out: Path, resume: bool, overwrite: bool) -> files.OutputFolder:
+    """Lock --out for this run (a second process on it fails at once) and keep runs apart: a
+    non-empty folder is taken with --resume when it holds this command's run (a checkpoint,
+    or only train.py's outputs: killed before its first checkpoint), or with --overwrite,
+    which deletes the outputs of the earlier run. Leftover temporary files are removed."""
+    if resume and overwrite:
+        raise click.ClickException("--resume continues the run in --out and --overwrite "
+                                   "replaces it: pass one of them")
+    has_checkpoint = (out / CHECKPOINT).is_file()
+    resumable = resume and (has_checkpoint or out.is_dir() and only_own_outputs(out))
+    try:
+        folder = files.OutputFolder(out, own=own_outputs(out), overwrite=overwrite,
+                                    resumable=resumable or has_checkpoint and not overwrite)
+    except files.OutputError as error:
+        raise click.ClickException(str(error)) from None
+    if has_checkpoint and not (resume or overwrite):
+        folder.release()
+        raise click.ClickException(f"{files.shown(out / CHECKPOINT)} exists: pass --resume to "
+                                   "continue that run, --overwrite to start a new one there, "
+                                   "or choose another --out")
+    return folder
+
+
+def read_run_checkpoint(path: Path) -> dict:
+    """The training checkpoint to resume from; a file that is not one is a one-line error."""
+    try:
+        checkpoint = mae.read_checkpoint(path)
+    except mae.CheckpointError as error:
+        raise click.ClickException(f"cannot resume: {error}") from None
+    missing = [key for key in RUN_STATE if key not in checkpoint]
+    if missing:
+        raise click.ClickException(f"cannot resume: {files.shown(path)} is not a training "
+                                   f"checkpoint (it has no {', '.join(missing)})")
+    return checkpoint
+
+
+@contextlib.contextmanager
+def restoring(path: Path):
+    """Turn a checkpoint whose contents do not fit (wrong shapes, bad entries) into one line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise click.ClickException(f"cannot resume from {files.shown(path)}: "
+                                   f"{type(error).__name__} {reason}") from None
+
+
+def changed_settings(checkpoint: dict, cfg: mae.MAEConfig, settings: dict, layout: dict) -> list[str]:
+    """What differs between this command and the run stored in `checkpoint`, as
+    'NAME NOW (stored THEN)': the model config, the data layout (clips, global batch, steps
+    per epoch) and, where the checkpoint has them (older ones do not), the run settings."""
+    stored = {**{f"model {key}": value for key, value in checkpoint["config"].items()},
+              **checkpoint["data"], **checkpoint.get("settings", {})}
+    current = {**{f"model {key}": value for key, value in cfg.to_dict().items()},
+               **layout, **settings}
+    return [f"{name} {value!r} (stored {stored[name]!r})" for name, value in current.items()
+            if name in stored and as_stored(stored[name]) != as_stored(value)]
+
+
+def as_stored(value):
+    """Tuples and lists compare equal (a config holds tuples, a JSON round trip gives lists)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -246,14 +361,17 @@ def save_reconstruction(model: mae.MAE, x: torch.Tensor, noise: torch.Tensor, pa
 
 @contextlib.contextmanager
 def stop_requests():
-    """While active, a first SIGINT or SIGTERM only appends its number to the yielded list
-    (the loop then stops after the current step with a checkpoint); a second one acts as
-    usual (e.g. Ctrl-C twice interrupts at once). Handlers are restored on exit."""
+    """While active, SIGINT and SIGTERM only append their number to the yielded list (the
+    loop then stops after the current step with a checkpoint). A second SIGINT acts as usual
+    (Ctrl-C twice interrupts at once); further SIGTERMs are ignored, as a job's processes
+    often get several (from the scheduler and from torchrun, which forwards its own).
+    Handlers are restored on exit."""
     received, previous = [], {}
 
     def request_stop(signum, frame):
         received.append(signum)
-        signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+        if signum == signal.SIGINT:
+            signal.signal(signum, previous.get(signum, signal.SIG_DFL))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, request_stop)
@@ -290,38 +408,41 @@ def mean_over_processes(value: torch.Tensor) -> float:
                    f"[DEMO default: {' '.join(DEMO['overrides'])}]")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Output folder. [default: runs/demo or runs/MODEL]")
-@click.option("--epochs", default=100, help="Length of the run, unless --max-steps is given.")
-@click.option("--max-steps", type=int, help="Optimizer steps in the run (sets the schedule).")
-@click.option("--stop-at", type=int,
+@click.option("--epochs", default=100, type=POSITIVE,
+              help="Length of the run, unless --max-steps is given.")
+@click.option("--max-steps", type=POSITIVE, help="Optimizer steps in the run (sets the schedule).")
+@click.option("--stop-at", type=POSITIVE,
               help="End this job after this step with a checkpoint, schedule unchanged "
                    "(split a long run into jobs; continue with --resume).")
-@click.option("--batch-size", type=int,
+@click.option("--batch-size", type=POSITIVE,
               help=f"Clips per process and micro-batch. [default: {DEFAULTS['batch_size']}, "
                    f"DEMO {DEMO['batch_size']}]")
-@click.option("--accum-steps", default=1, help="Micro-batches per optimizer step.")
-@click.option("--blr", type=float, help="Base learning rate: lr = blr * global batch / 256. "
+@click.option("--accum-steps", default=1, type=POSITIVE, help="Micro-batches per optimizer step.")
+@click.option("--blr", type=click.FloatRange(0, min_open=True), help="Base learning rate: lr = blr * global batch / 256. "
               f"[default: {DEFAULTS['blr']}, DEMO {DEMO['blr']}]")
-@click.option("--betas", default=(0.9, 0.95), type=(float, float), help="AdamW betas.")
-@click.option("--weight-decay", default=0.05)
-@click.option("--warmup", "warmup_epochs", type=float,
+@click.option("--betas", default=(0.9, 0.95), type=(BETA, BETA), help="AdamW betas.")
+@click.option("--weight-decay", default=0.05, type=click.FloatRange(0))
+@click.option("--warmup", "warmup_epochs", type=click.FloatRange(0),
               help="Warm-up length in epochs. [default: 10, DEMO: 10% of the steps]")
-@click.option("--warmup-steps", type=int, help="Warm-up length in steps (instead of --warmup).")
+@click.option("--warmup-steps", type=click.IntRange(0), help="Warm-up length in steps (instead of --warmup).")
 @click.option("--device", "device_kind", default="auto",
               type=click.Choice(["auto", "cpu", "cuda", "xla"]),
               help="auto: cuda if available, else xla if torch_xla is installed, else cpu.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp64"]),
               help="auto: bf16 autocast on cuda and xla, fp32 on cpu. fp64: weights and "
                    "arithmetic in float64, for exactness checks.")
-@click.option("--workers", default=2, help="DataLoader workers per process (and for preparing).")
-@click.option("--seed", default=0)
-@click.option("--log-every", default=10, help="Steps between metrics lines.")
-@click.option("--save-every", type=int, help="Steps between checkpoints. [default: 1000, DEMO 100]")
+@click.option("--workers", default=2, type=click.IntRange(0), help="DataLoader workers per process (and for preparing).")
+@click.option("--seed", default=0, type=click.IntRange(0))
+@click.option("--log-every", default=10, type=POSITIVE, help="Steps between metrics lines.")
+@click.option("--save-every", type=POSITIVE, help="Steps between checkpoints. [default: 1000, DEMO 100]")
 @click.option("--cache-dir", default="cache", type=click.Path(file_okay=False),
               help="Where feature stores of audio folders and the DEMO set are kept.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt if there is one.")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in a non-empty --out, deleting its outputs of an earlier run.")
 def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, batch_size,
          accum_steps, blr, betas, weight_decay, warmup_epochs, warmup_steps, device_kind,
-         precision, workers, seed, log_every, save_every, cache_dir, resume):
+         precision, workers, seed, log_every, save_every, cache_dir, resume, overwrite):
     """Pretrain on the audio under DATA: folders (prepared once into a feature store under
     --cache-dir) or a store from `python data.py prepare`. Without DATA: the built-in DEMO
     set of synthetic sounds with a small model, 300 steps (a few minutes on a laptop CPU).
@@ -334,18 +455,25 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
     demo = not data_paths
     defaults = DEMO if demo else DEFAULTS
     overrides = model_overrides(overrides or defaults["overrides"])
-    batch_size = batch_size or defaults["batch_size"]
-    max_steps = max_steps or defaults["max_steps"]
+    batch_size = batch_size if batch_size is not None else defaults["batch_size"]
+    max_steps = max_steps if max_steps is not None else defaults["max_steps"]
     warmup_epochs = warmup_epochs if warmup_epochs is not None else defaults["warmup_epochs"]
-    save_every = save_every or defaults["save_every"]
-    blr = blr or defaults["blr"]
+    save_every = save_every if save_every is not None else defaults["save_every"]
+    blr = blr if blr is not None else defaults["blr"]
     out = Path(out or ("runs/demo" if demo else f"runs/{model_name}"))
+    try:
+        cfg = mae.preset_config(model_name, **overrides)
+    except (TypeError, ValueError) as error:
+        raise click.BadParameter(str(error), param_hint="--set") from None
 
     device, rank, world = setup_device(device_kind)
     master = rank == 0
     logging.basicConfig(level=logging.INFO if master else logging.ERROR, format="%(message)s")
     echo = click.echo if master else (lambda *args, **kwargs: None)
-    try:
+    with contextlib.ExitStack() as held:
+        held.callback(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
+        if master:  # --out stays locked until the run ends
+            held.enter_context(claim_output(out, resume, overwrite))
         # ------------------------------------------------------------------ data
         if demo:
             echo("DEMO: no DATA given, so training on the built-in set of SYNTHETIC sounds "
@@ -354,25 +482,15 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
         torch.manual_seed(seed)
         checkpoint_path = out / CHECKPOINT
         checkpoint = None
-        if checkpoint_path.exists():
-            if not resume:
-                raise click.ClickException(f"{checkpoint_path} exists: pass --resume to continue "
-                                           "that run, or choose another --out")
-            checkpoint = mae.read_checkpoint(checkpoint_path)
+        if resume and checkpoint_path.exists():
+            checkpoint = read_run_checkpoint(checkpoint_path)
         elif resume:
             echo(f"--resume: no {checkpoint_path} yet, so starting a new run")
-        cfg = (mae.MAEConfig(**checkpoint["config"]) if checkpoint
-               else mae.preset_config(model_name, **overrides))
         dataset = data.CropDataset(store, crop_frames=cfg.input_size[0], seed=seed)
-        try:
-            loader = data.make_loader(dataset, batch_size, workers=workers, seed=seed,
-                                      pin_memory=device.type == "cuda")
-        except ValueError as error:  # too few clips (bad files are listed in the store)
-            raise click.ClickException(f"{error} (store: {store.root})") from error
+        check_enough_clips(len(dataset), world, batch_size, accum_steps)
+        loader = data.make_loader(dataset, batch_size, workers=workers, seed=seed,
+                                  pin_memory=device.type == "cuda")
         steps_per_epoch = len(loader) // accum_steps
-        if steps_per_epoch == 0:
-            raise click.ClickException(f"{len(loader)} micro-batches per epoch do not fill one "
-                                       f"optimizer step of {accum_steps}")
         global_batch = batch_size * accum_steps * world
         total_steps = max_steps or epochs * steps_per_epoch
         if warmup_steps is None:
@@ -383,29 +501,40 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
                                        f"the run ({total_steps} steps): lower --warmup or "
                                        "--warmup-steps")
         peak_lr = blr * global_batch / 256
+        # What makes the run: a resumed run must be given the same (workers, device,
+        # precision, --save-every, --log-every, --stop-at may differ).
+        settings = dict(batch_size=batch_size, accum_steps=accum_steps, blr=blr,
+                        betas=list(betas), weight_decay=weight_decay, warmup_steps=warmup_steps,
+                        total_steps=total_steps, seed=seed)
+        layout = dict(clips=len(dataset), global_batch=global_batch,
+                      steps_per_epoch=steps_per_epoch)
 
         # ------------------------------------------------------------------ model, optimizer
         model = mae.MAE(cfg)
         step = saved_step = 0
         if checkpoint:
-            expected = dict(clips=len(dataset), global_batch=global_batch, seed=seed,
-                            steps_per_epoch=steps_per_epoch)
-            changed = {key: f"{checkpoint['data'][key]} -> {value}" for key, value in
-                       expected.items() if checkpoint["data"][key] != value}
-            if changed:
-                raise click.ClickException(f"cannot resume {checkpoint_path} exactly, these "
-                                           f"changed: {changed}")
-            model.load_state_dict(checkpoint["model"])
-            step = saved_step = checkpoint["step"]
-            set_rng_states(checkpoint["rng"])
-            echo(f"resuming {checkpoint_path} at step {step} (model config from the checkpoint)")
+            with restoring(checkpoint_path):
+                changed = changed_settings(checkpoint, cfg, settings, layout)
+                if changed:
+                    raise click.ClickException(
+                        f"cannot resume {files.shown(checkpoint_path)} with other settings: "
+                        f"{'; '.join(changed)}. Give the stored values, or start a new run "
+                        "with another --out or --overwrite")
+                if "settings" not in checkpoint:
+                    echo(f"warning: {checkpoint_path} is from an older version that did not "
+                         "store its run's settings: they are not checked")
+                model.load_state_dict(checkpoint["model"])
+                step = saved_step = int(checkpoint["step"])
+                set_rng_states(checkpoint["rng"])
+            echo(f"resuming {checkpoint_path} at step {step}")
         if precision == "auto":
             precision = "fp32" if device.type == "cpu" else "bf16"
         dtype = torch.float64 if precision == "fp64" else torch.float32  # of weights and inputs
         model.to(device, dtype)
         optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=peak_lr, betas=betas)
         if checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the device
+            with restoring(checkpoint_path):
+                optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the device
         train_model = model
         if world > 1:
             train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -414,12 +543,11 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
 
         # ------------------------------------------------------------------ outputs
         if master:
-            out.mkdir(parents=True, exist_ok=True)
-            keep_metrics_until(out / "metrics.jsonl", step)
+            keep_metrics_until(out / METRICS, step)
         dataset.set_epoch(0)
         example = dataset[0][None].to(device, dtype)  # the clip shown in every figure
         example_noise = mask_noise(torch.tensor([0]), seed, 0, cfg.num_patches).to(device)
-        echo(f"{'model of the checkpoint' if checkpoint else model_name}: "
+        echo(f"{model_name}: "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {device} "
              f"x {world}, {precision}; {len(dataset)} clips, "
              f"{steps_per_epoch} steps per epoch, global batch {global_batch}, peak lr "
@@ -429,10 +557,9 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
             checkpoint = dict(
                 config=cfg.to_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
                 scheduler=dict(peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps),
-                step=step, rng=rng_states(), options=options,
+                step=step, rng=rng_states(), options=options, settings=settings,
                 data=dict(epoch=step // steps_per_epoch,
-                          micro_batch=step % steps_per_epoch * accum_steps, clips=len(dataset),
-                          global_batch=global_batch, seed=seed, steps_per_epoch=steps_per_epoch))
+                          micro_batch=step % steps_per_epoch * accum_steps, seed=seed, **layout))
             save_checkpoint(checkpoint_path, checkpoint)
             save_reconstruction(model, example, example_noise, out / f"recon_step{step:07d}.png",
                                 f"{out.name}, step {step} ({reason})")
@@ -446,7 +573,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
                         dynamic_ncols=True)
         loss_sum, logged_steps, log_time = torch.zeros((), device=device), 0, time.perf_counter()
         with stop_requests() as signals, open(os.devnull if not master else
-                                              out / "metrics.jsonl", "a") as metrics:
+                                              out / METRICS, "a") as metrics:
             while step < end:
                 lr = learning_rate(step, peak_lr, warmup_steps, total_steps)
                 for group in optimizer.param_groups:
@@ -495,7 +622,10 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
                         save("interrupted" if stop else "end" if step == end else "checkpoint")
                     saved_step = step
                 if stop:
+                    if dist.is_initialized():
+                        dist.barrier()  # no process exits before the checkpoint is written
                     progress.close()
+                    batches.close()  # ends the DataLoader workers now
                     signum = signals[0] if signals else signal.SIGTERM
                     echo(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
                          f"{checkpoint_path}: continue with the same command and --resume")
@@ -503,16 +633,13 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
         progress.close()
 
         if master and step == total_steps:
-            mae.save_pretrained(model, out / "model.safetensors")
-            echo(f"done: {step} steps. Final weights {out / 'model.safetensors'} "
+            mae.save_pretrained(model, out / FINAL)
+            echo(f"done: {step} steps. Final weights {out / FINAL} "
                  f"(mae.load_pretrained, embed.py), checkpoint {checkpoint_path}, metrics "
-                 f"{out / 'metrics.jsonl'}, reconstructions {out}/recon_step*.png")
+                 f"{out / METRICS}, reconstructions {out}/recon_step*.png")
         elif master:
             echo(f"stopped at step {step} of {total_steps} (--stop-at); checkpoint "
                  f"{checkpoint_path}: continue with --resume")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
