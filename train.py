@@ -28,6 +28,10 @@ Outputs in --out:
     recon_step*.png      input log-mel, masked input and reconstruction at every checkpoint
     metrics.jsonl        one JSON object per logged step: step, epoch, loss, lr, samples/s, time
     model.safetensors    the final weights and config (mae.load_pretrained; embed.py takes it)
+--out is locked for the run (a second process on it fails at once) and must be new or empty,
+hold this command's run (--resume; changed settings are refused) or be --overwrite'n.
+SIGINT/SIGTERM to the whole job (DataLoader workers leave them to the main process; under
+torchrun all ranks stop at the same step): checkpoint, then exit 130/143.
 """
 import contextlib
 import importlib.util

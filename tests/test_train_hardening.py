@@ -224,7 +224,7 @@ def test_group_sigterm_with_workers_checkpoints_and_resumes_exactly(store, tmp_p
 
 def test_sigterm_to_torchrun_and_its_ranks_stops_both_ranks_at_one_step(store, tmp_path):
     """A job-wide SIGTERM (SLURM's scancel signals every process of the job): each rank gets
-    it twice, directly and forwarded by torchrun (ranks run in sessions of their own). The
+    it twice, directly and later forwarded by torchrun (ranks run in sessions of their own). The
     ranks agree on the step, rank 0 writes the checkpoint, both exit 143 well before torchrun
     would SIGKILL them (30 s). torchrun itself exits 1 with its own SignalException traceback.
     Resumed under torchrun, the run equals a straight single-process run at the same global
@@ -238,8 +238,10 @@ def test_sigterm_to_torchrun_and_its_ranks_stops_both_ranks_at_one_step(store, t
     wait_for_metrics(out, process)
     ranks = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     assert len(ranks) == 2
-    for group in [*map(int, ranks), process.pid]:
-        os.killpg(group, signal.SIGTERM)
+    for rank in map(int, ranks):
+        os.killpg(rank, signal.SIGTERM)
+    time.sleep(0.5)  # torchrun's forwarded SIGTERM comes while the ranks are stopping
+    os.killpg(process.pid, signal.SIGTERM)
     signalled = time.monotonic()
     output, _ = process.communicate(timeout=120)
     assert time.monotonic() - signalled < 30  # the ranks ended by themselves (torchrun
