@@ -33,6 +33,7 @@ import files
 from attention import Attention, MultiWindowAttention, window_sizes
 
 LN_EPS = 1e-6  # both releases use LayerNorm eps 1e-6
+NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")  # besides 1-D tensors
 
 
 @dataclass
@@ -291,6 +292,12 @@ class MAE(nn.Module):
         x = x.reshape(x.shape[0], T_, pt, F_, pf)
         return x.permute(0, 1, 3, 2, 4).reshape(x.shape[0], T_ * F_, pt * pf)
 
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, L, pt * pf) -> (B, T, F): the inverse of patchify."""
+        (T_, F_), (pt, pf) = self.cfg.grid, self.cfg.patch_size
+        x = patches.reshape(patches.shape[0], T_, F_, pt, pf).permute(0, 1, 3, 2, 4)
+        return x.reshape(patches.shape[0], T_ * pt, F_ * pf)
+
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, F) -> (B, L, D): conv with kernel = stride = patch, then time-major tokens."""
         return self.patch_embed(x[:, None]).flatten(2).transpose(1, 2)
@@ -371,6 +378,15 @@ class MAE(nn.Module):
         tokens = tokens[:, self.num_prefix:]  # (B, T' * F', D), time-major
         T_, F_ = self.cfg.grid
         return tokens.reshape(x.shape[0], T_, F_ * self.cfg.embed_dim)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: weight decay on weight matrices only, not on biases, norms (1-D),
+        tokens or position tables."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            skip = param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY
+            (no_decay if skip else decay).append(param)
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
 # ----------------------------------------------------------------------------- checkpoints
