@@ -48,6 +48,7 @@ import mae
 import train
 from attention import (Attention, MultiWindowAttention, multiwindow_attention_reference, set_backend,
                        window_sizes)
+from audio import SAMPLE_RATE, LogMel
 
 aten = torch.ops.aten
 
@@ -315,7 +316,7 @@ def bench_training(cfg: BenchConfig, device: torch.device) -> dict:
 def noise_clip(seconds: float, seed: int = 0) -> torch.Tensor:
     """(1, samples) of quiet noise: the embedding cost does not depend on the content."""
     generator = torch.Generator().manual_seed(seed)
-    return 0.1 * torch.randn(1, int(seconds * data.SAMPLE_RATE), generator=generator)
+    return 0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), generator=generator)
 
 
 def memory_status() -> dict[str, float]:
@@ -385,7 +386,7 @@ def bench_embeddings(cfg: BenchConfig, device: torch.device) -> dict:
 
 def bench_data(cfg: BenchConfig, device: torch.device, train_samples_per_s: float | None) -> dict:
     """Log-mel frontend real-time factor; random crops/s from a feature store (DEMO clips)."""
-    frontend = data.LogMel().to(device)
+    frontend = LogMel().to(device)
     audio = noise_clip(cfg.frontend_seconds).to(device)
     with torch.no_grad():
         frontend_time = time_interleaved({"logmel": lambda: frontend(audio)},

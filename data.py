@@ -1,42 +1,43 @@
-"""Audio loading, the log-mel frontend, the pretraining feature store and its datasets.
+"""Pretraining data: walking audio folders, the log-mel feature store, random crops, the demo set.
+
+The frontend itself (reading audio, log-mel, normalisation) is audio.py; this module computes
+it once per file into a store and serves normalised crops of it to the training loop.
 
 Public API
 ----------
-Frontend
-    load_audio(path, sample_rate=16000) -> np.ndarray
-        Any file libsndfile reads -> float32 mono samples at `sample_rate` (anything but a
-        regular file is refused unopened).
+Folders
     find_files(inputs, exclude=None, skipped=None) -> list[str]
         The regular files under folders/files, sorted, under the names the user has; the
         rest (FIFOs, devices, broken links, link loops) is reported, never opened.
-    LogMel(dtype=torch.float32)
-        nn.Module: waveform (..., samples) -> log-mel (..., frames, 80).
-    normalize(x, dim=(-2, -1))
-        Per-clip standardisation over time and mel: (x - mean) / (std + 1e-8).
-    check_finite(log_mel, path)
-        Raise AudioError when the frontend's output of `path` holds NaN/Inf.
-    AudioError
-        The one exception raised for audio that cannot be used.
 Feature store (log-mel computed once, read many times during pretraining)
-    prepare(inputs, out, workers=1) -> PrepareSummary
-        Walk audio folders, write/extend the store `out` (resumable).
+    prepare(inputs, out, workers=1, shard_bytes=256 MiB, progress=True) -> PrepareSummary
+        Walk audio folders, write/extend the store `out` (resumable); ValueError when they
+        hold no readable audio.
     FeatureStore(root)
         Read access: len(store), store.frames/means/stds, store.log_mel(i, start, stop).
     open_or_prepare_store(paths, cache_dir="cache/stores", workers=1) -> FeatureStore
         A store directory as is, or audio folders prepared into a store cached by content
         (file names, sizes and mtimes).
-    prepare_demo(out="cache/demo_store", n_clips=256, seconds=4.0, seed=0) -> FeatureStore
+    prepare_demo(out="cache/demo_store", n_clips=256, seconds=4.0, seed=0, workers=1)
+        -> FeatureStore
         The built-in DEMO store of synthetic sounds (smoke tests, `python train.py` without data).
     synthetic_audio(n_clips, seconds, seed) -> list[np.ndarray]
         The demo set's waveforms.
+    read_index(root), read_bad_files(root)
+        A store's clips (list of dicts) and rejected files ({path: reason}).
 Pretraining data
     CropDataset(store, crop_frames=200, seed=0)
-        Item i -> a reproducible random normalised crop (200, 80) of clip i; set_epoch(epoch).
-    make_loader(dataset, batch_size, workers=0, seed=0, distributed=None) -> EpochLoader
+        Item i -> (crop, i): a reproducible random normalised crop (200, 80) of clip i and the
+        clip's index (batched: crops (B, 200, 80), indices (B,)); set_epoch(epoch).
+    make_loader(dataset, batch_size, workers=0, seed=0, distributed=None, pin_memory=False)
+        -> EpochLoader
         Shuffled DataLoader (DistributedSampler, drop_last); call loader.set_epoch(epoch).
+        Its workers leave SIGINT/SIGTERM to the main process (see EpochLoader).
+    measure_crops_per_second(dataset, batch_size, workers, batches) -> float
 
-Command line: `python data.py prepare AUDIO_DIR... --out STORE [--workers N]`,
-`python data.py demo [--out STORE]`, `python data.py speed STORE` (crops per second).
+Command line: `python data.py prepare AUDIO_DIR... --out STORE [--workers N] [--shard-mb MB]`,
+`python data.py demo [--out STORE]`, `python data.py speed STORE [--workers N]...` (crops per
+second); errors a user can cause end with one line and a non-zero exit.
 
 Store format (directory)
 ------------------------
@@ -67,7 +68,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import hashlib
 import json
 import logging
@@ -86,200 +86,15 @@ from typing import Callable, Iterable, Iterator
 import click
 import numpy as np
 import soundfile as sf
-import soxr
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+import audio
 import files
 
 logger = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16000
-N_FFT = 400  # 25 ms window
-HOP = 160  # 10 ms hop -> 100 frames per second
-N_MELS = 80
-F_MIN, F_MAX = 50.0, 8000.0
-LOG_EPS = torch.finfo(torch.float32).eps  # about 1.19e-7, added before the log
-NORM_EPS = 1e-8  # added to the std in `normalize`
-
-
-class AudioError(Exception):
-    """A file that cannot be used as audio: unreadable, empty, non-finite, ..."""
-
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{files.shown(path)}: {reason}")
-        self.path = str(path)
-        self.reason = reason
-
-    def __reduce__(self):  # keep (path, reason) when pickled across processes
-        return AudioError, (self.path, self.reason)
-
-
-# ---------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------
-
-
-FILE_KINDS = {  # what the stat mode of something that is not a regular file says it is
-    stat.S_IFIFO: "FIFO",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-    stat.S_IFDIR: "folder",
-}
-
-
-def stat_problem(path: str | Path) -> tuple[os.stat_result | None, str]:
-    """(stat of `path` following links, "") for a regular file, else (stat or None, why not).
-
-    Only stat is used, never open: opening a FIFO blocks until someone writes to it, and a
-    device such as /dev/zero never ends. Reasons name what the user has (a broken link,
-    a link loop) rather than where a link points.
-    """
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return None, "broken symbolic link" if os.path.islink(path) else "no such file"
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            return None, "symbolic link loop"
-        return None, f"cannot be read ({error.strerror})"
-    if stat.S_ISREG(status.st_mode):
-        return status, ""
-    kind = FILE_KINDS.get(stat.S_IFMT(status.st_mode), "unknown type")
-    return status, f"not a regular file ({kind})"
-
-
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Read an audio file as float32 mono samples at `sample_rate`.
-
-    Channels are averaged; a different rate is resampled with soxr (quality 'HQ').
-    Silence is returned as is: deciding what to do with it is the caller's job.
-    Anything that is not a regular file (FIFO, device, broken link, ...) is refused
-    before it is opened, under the name given.
-
-    Returns: (samples,) float32.
-    Raises: AudioError if the file is not a regular file, cannot be read, holds no
-    samples, or holds NaN/Inf.
-    """
-    _, problem = stat_problem(path)
-    if problem:
-        raise AudioError(path, problem)
-    try:
-        # bytes: soundfile cannot encode a str name that is not valid UTF-8 (surrogate escapes)
-        audio, file_rate = sf.read(os.fsencode(path), dtype="float32",
-                                   always_2d=True)  # (samples, channels)
-    except (sf.SoundFileError, OSError) as error:
-        why = getattr(error, "error_string", None) or getattr(error, "strerror", None) or error
-        raise AudioError(path, f"unreadable ({why})") from error
-    if audio.size == 0:
-        raise AudioError(path, "empty (0 samples)")
-    if not np.isfinite(audio).all():
-        raise AudioError(path, "non-finite samples (NaN or Inf)")
-    mono = audio.mean(axis=1)  # (samples,)
-    if file_rate != sample_rate:
-        mono = soxr.resample(mono, file_rate, sample_rate, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------
-# Log-mel frontend
-# ---------------------------------------------------------------------------
-
-
-def hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
-    """HTK mel scale: 2595 * log10(1 + f / 700)."""
-    return 2595.0 * np.log10(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
-
-
-def mel_to_hz(mel: np.ndarray | float) -> np.ndarray:
-    """Inverse of `hz_to_mel`."""
-    return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
-
-
-def mel_filterbank(
-    n_freqs: int = N_FFT // 2 + 1,
-    n_mels: int = N_MELS,
-    sample_rate: int = SAMPLE_RATE,
-    f_min: float = F_MIN,
-    f_max: float = F_MAX,
-) -> np.ndarray:
-    """Triangular HTK mel filters without area normalisation, float64 (n_freqs, n_mels).
-
-    Same matrix as torchaudio.functional.melscale_fbanks(norm=None, mel_scale='htk')
-    and librosa.filters.mel(htk=True, norm=None).T: filter m rises linearly from
-    edge m to edge m+1 and falls to edge m+2, with n_mels + 2 edges evenly spaced in mel.
-    """
-    fft_freqs = np.linspace(0.0, sample_rate / 2, n_freqs)  # (n_freqs,)
-    edges = mel_to_hz(np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2))  # (n_mels+2,)
-    widths = np.diff(edges)  # (n_mels+1,)
-    offsets = edges[None, :] - fft_freqs[:, None]  # (n_freqs, n_mels+2)
-    rising = -offsets[:, :-2] / widths[:-1]  # (n_freqs, n_mels)
-    falling = offsets[:, 2:] / widths[1:]  # (n_freqs, n_mels)
-    return np.maximum(0.0, np.minimum(rising, falling))
-
-
-def periodic_hann(length: int = N_FFT) -> np.ndarray:
-    """Periodic Hann window (the 'hann' of scipy.signal.get_window / torch.hann_window), float64."""
-    return 0.5 - 0.5 * np.cos(2.0 * math.pi * np.arange(length) / length)
-
-
-class LogMel(nn.Module):
-    """Waveform (..., samples) -> log-mel spectrogram (..., frames, 80).
-
-    STFT with n_fft 400, periodic Hann window 400, hop 160, centred frames
-    (reflect padding), power 2; 80 HTK mel bins from 50 to 8000 Hz without
-    area normalisation; then log(x + float32 eps). frames = 1 + samples // 160
-    (inputs shorter than 201 samples are first zero-padded to 201).
-
-    The window and filterbank are non-persistent buffers (they follow `.to(device)`
-    but are not saved in state dicts). They are built in float64 and stored in
-    `dtype`; the computation runs in the input's dtype, so for a float64 reference
-    build `LogMel(dtype=torch.float64)`.
-    """
-
-    def __init__(self, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.register_buffer("window", torch.tensor(periodic_hann(), dtype=dtype), persistent=False)
-        self.register_buffer(
-            "filterbank", torch.tensor(mel_filterbank(), dtype=dtype), persistent=False
-        )  # (201, 80)
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        # Reflect padding needs more than n_fft // 2 samples: zero-pad very short clips.
-        min_samples = N_FFT // 2 + 1
-        if waveform.shape[-1] < min_samples:
-            waveform = nn.functional.pad(waveform, (0, min_samples - waveform.shape[-1]))
-        leading = waveform.shape[:-1]
-        flat = waveform.reshape(-1, waveform.shape[-1])  # (batch, samples)
-        spectrum = torch.stft(
-            flat,
-            n_fft=N_FFT,
-            hop_length=HOP,
-            win_length=N_FFT,
-            window=self.window.to(flat.dtype),
-            center=True,
-            pad_mode="reflect",
-            return_complex=True,
-        )  # (batch, 201, frames) complex
-        power = torch.view_as_real(spectrum).pow(2).sum(-1)  # (batch, 201, frames)
-        mel = power.transpose(-1, -2) @ self.filterbank.to(power.dtype)  # (batch, frames, 80)
-        log_mel = torch.log(mel + LOG_EPS)
-        return log_mel.reshape(*leading, *log_mel.shape[-2:])  # (..., frames, 80)
-
-
-def normalize(x: torch.Tensor, dim: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
-    """Standardise each clip with its own statistics: (x - mean) / (std + 1e-8).
-
-    x: (..., frames, mels); statistics over `dim` (default: the whole clip).
-    The std is the population std (ddof 0), as numpy's default in the official pipelines.
-    """
-    mean = x.mean(dim=dim, keepdim=True)
-    std = x.std(dim=dim, correction=0, keepdim=True)
-    return (x - mean) / (std + NORM_EPS)
 
 
 # ---------------------------------------------------------------------------
@@ -288,15 +103,15 @@ def normalize(x: torch.Tensor, dim: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
 
 STORE_FORMAT = {
     "format": "mwmae-logmel-store-v1",
-    "sample_rate": SAMPLE_RATE,
-    "n_fft": N_FFT,
-    "hop": HOP,
-    "n_mels": N_MELS,
-    "f_min": F_MIN,
-    "f_max": F_MAX,
+    "sample_rate": audio.SAMPLE_RATE,
+    "n_fft": audio.N_FFT,
+    "hop": audio.HOP,
+    "n_mels": audio.N_MELS,
+    "f_min": audio.F_MIN,
+    "f_max": audio.F_MAX,
     "dtype": "float16",
 }
-FRAME_BYTES = N_MELS * np.dtype(np.float16).itemsize  # one stored frame: 80 float16
+FRAME_BYTES = audio.N_MELS * np.dtype(np.float16).itemsize  # one stored frame: 80 float16
 SHARD_BYTES = 256 * 2**20
 SILENCE_PEAK = 1e-6  # a clip whose peak |sample| is below this (-120 dBFS) counts as silent
 INDEX_FILE, BAD_FILE, META_FILE = "index.jsonl", "bad_files.tsv", "store.json"
@@ -317,33 +132,20 @@ class ClipFeatures:
     error: str = ""
 
 
-def check_finite(log_mel: torch.Tensor | np.ndarray, path: str | Path) -> None:
-    """Raise AudioError(path, "log-mel not finite ...") unless every value of `log_mel` is finite.
-
-    Finite samples can still overflow the frontend: float WAVs may hold values like 1e30,
-    whose power spectrum is inf in float32. Call this after the frontend wherever audio
-    enters (a NaN row would silently poison a probe or a training batch). `log_mel` is any
-    tensor or array computed from the one file `path`, e.g. (frames, 80) or (chunks, frames, 80).
-    """
-    finite = torch.isfinite if torch.is_tensor(log_mel) else np.isfinite
-    if not finite(log_mel).all():
-        raise AudioError(path, "log-mel not finite (samples far beyond full scale)")
-
-
 def extract_features(path: str) -> ClipFeatures:
     """Load one file and compute its log-mel; never raises, bad files come back with `error`."""
     try:
-        audio = load_audio(path)  # (samples,)
-        if np.abs(audio).max() < SILENCE_PEAK:
-            raise AudioError(path, f"silent (peak below {SILENCE_PEAK:g})")
+        samples = audio.load_audio(path)  # (samples,)
+        if np.abs(samples).max() < SILENCE_PEAK:
+            raise audio.AudioError(path, f"silent (peak below {SILENCE_PEAK:g})")
         with torch.no_grad():
-            log_mel = LogMel()(torch.from_numpy(audio))  # (frames, 80) float32
-        check_finite(log_mel, path)
-    except AudioError as error:
+            log_mel = audio.LogMel()(torch.from_numpy(samples))  # (frames, 80) float32
+        audio.check_finite(log_mel, path)
+    except audio.AudioError as error:
         return ClipFeatures(path, None, error=error.reason)
     except Exception as error:  # noqa: BLE001 - one odd file must not stop a long run
         return ClipFeatures(path, None, error=f"unexpected {type(error).__name__}: {error}")
-    std, mean = torch.std_mean(log_mel, correction=0)  # population std, as in `normalize`
+    std, mean = torch.std_mean(log_mel, correction=0)  # population std, as in `audio.normalize`
     return ClipFeatures(path, log_mel.numpy().astype(np.float16), float(mean), float(std))
 
 
@@ -504,7 +306,7 @@ def find_files(
     stat'ed, never opened (a FIFO would block), and is not listed: it goes into `skipped` as
     {path: reason} when a dict is given, and is logged as a warning otherwise.
     """
-    excluded = stat_problem(exclude)[0] if exclude is not None else None
+    excluded = audio.stat_problem(exclude)[0] if exclude is not None else None
     excluded_id = (excluded.st_dev, excluded.st_ino) if excluded else None
     found: dict[tuple[int, int], str] = {}  # (device, inode) of a file -> its first name
     problems: dict[str, str] = {}
@@ -513,7 +315,7 @@ def find_files(
         pending = [(absolute(item), False)]  # (path, directly in the excluded folder)
         while pending:
             path, in_excluded = pending.pop()
-            status, problem = stat_problem(path)
+            status, problem = audio.stat_problem(path)
             file_id = (status.st_dev, status.st_ino) if status else None
             if status is not None and stat.S_ISDIR(status.st_mode):
                 if file_id not in walked:
@@ -656,7 +458,7 @@ def prepare(
                          f"{counted(len(paths) + len(skipped), 'file')} skipped "
                          f"(see {files.shown(out / BAD_FILE)})")
     resumed = len(paths) - len(todo) + len(skipped) - len(new_skipped)
-    return PrepareSummary(added, frames * HOP / SAMPLE_RATE / 3600, resumed, bad, total, str(out))
+    return PrepareSummary(added, frames * audio.HOP / audio.SAMPLE_RATE / 3600, resumed, bad, total, str(out))
 
 
 # ---------------------------------------------------------------------------
@@ -705,7 +507,7 @@ class FeatureStore:
         mapped = self._open.pop(shard, None)
         if mapped is None:
             mapped = np.memmap(shard_path(self.root, shard), dtype="<f2", mode="r")
-            mapped = mapped.reshape(-1, N_MELS)
+            mapped = mapped.reshape(-1, audio.N_MELS)
         self._open[shard] = mapped  # now the most recently used
         if len(self._open) > self.MAX_OPEN_SHARDS:
             self._open.popitem(last=False)
@@ -723,9 +525,11 @@ class FeatureStore:
 
 
 class CropDataset(Dataset):
-    """Item i -> a random `crop_frames` crop of clip i, normalised with whole-clip statistics.
+    """Item i -> (a random `crop_frames` crop of clip i normalised with whole-clip statistics, i).
 
-    Returns float32 (crop_frames, 80) = (log_mel - clip mean) / (clip std + 1e-8).
+    Returns (float32 (crop_frames, 80) = (log_mel - clip mean) / (clip std + 1e-8), i): the
+    index travels with the crop, so whoever batches crops (train.py's mask noise is a function
+    of the clip) knows which clips a batch holds without reading the sampler again.
     The crop start depends only on (seed, epoch, i), so crops are reproducible, identical
     with any number of DataLoader workers, and a resumed run sees the same crops: call
     `set_epoch(epoch)` before each epoch (EpochLoader.set_epoch does).
@@ -751,14 +555,14 @@ class CropDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         return int(rng.integers(0, spare + 1))
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         start = self.crop_start(index)
         frames = self.store.log_mel(index, start, start + self.crop_frames)  # (<=crop, 80) f16
-        crop = np.zeros((self.crop_frames, N_MELS), dtype=np.float32)  # the zeros are the padding
+        crop = np.zeros((self.crop_frames, audio.N_MELS), dtype=np.float32)  # the zeros are the padding
         valid = crop[: len(frames)]
         np.subtract(frames, self.store.means[index], out=valid)
-        valid *= 1 / (self.store.stds[index] + NORM_EPS)
-        return torch.from_numpy(crop)  # (crop_frames, 80)
+        valid *= 1 / (self.store.stds[index] + audio.NORM_EPS)
+        return torch.from_numpy(crop), index  # (crop_frames, 80), clip index
 
 
 class EpochLoader(DataLoader):
@@ -878,7 +682,7 @@ def content_identity(inputs: Iterable[str | Path], ignore: str | Path | None = N
         skipped = {path: why for path, why in skipped.items() if not path.startswith(prefix)}
     rows = []
     for path in found:
-        status = stat_problem(path)[0]
+        status = audio.stat_problem(path)[0]
         rows.append((path, status.st_size, status.st_mtime_ns) if status else (path, -1, -1))
     rows += sorted(skipped.items())
     text = json.dumps(rows)  # ASCII: surrogate escapes of odd names become \udcXX
@@ -893,14 +697,14 @@ def content_identity(inputs: Iterable[str | Path], ignore: str | Path | None = N
 def _tone(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
     """A harmonic tone, 100-2000 Hz fundamental, 1/k harmonic amplitudes below Nyquist."""
     f0 = 100 * 2 ** rng.uniform(0, math.log2(20))
-    harmonics = np.arange(1, int(SAMPLE_RATE / 2 / f0) + 1)[: rng.integers(1, 9)]
+    harmonics = np.arange(1, int(audio.SAMPLE_RATE / 2 / f0) + 1)[: rng.integers(1, 9)]
     return sum(np.sin(2 * np.pi * k * f0 * t) / k for k in harmonics)
 
 
 def _chirp(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
     """An exponential sweep between two random frequencies in 100-6000 Hz."""
     f0, f1 = 100 * 60 ** rng.uniform(0, 1, size=2)
-    duration = t[-1] + 1 / SAMPLE_RATE
+    duration = t[-1] + 1 / audio.SAMPLE_RATE
     rate = math.log(f1 / f0) / duration
     return np.sin(2 * np.pi * f0 * np.expm1(rate * t) / rate)
 
@@ -908,7 +712,7 @@ def _chirp(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
 def _noise_burst(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
     """Band-limited white noise with an exponential decay."""
     spectrum = np.fft.rfft(rng.standard_normal(len(t)))
-    freqs = np.fft.rfftfreq(len(t), 1 / SAMPLE_RATE)
+    freqs = np.fft.rfftfreq(len(t), 1 / audio.SAMPLE_RATE)
     low = rng.uniform(50, 4000)
     spectrum[(freqs < low) | (freqs > low * rng.uniform(1.5, 4))] = 0
     noise = np.fft.irfft(spectrum, len(t))
@@ -927,12 +731,12 @@ DEMO_SOUNDS = (_tone, _chirp, _noise_burst, _clicks)
 
 def synthetic_clip(rng: np.random.Generator, seconds: float) -> np.ndarray:
     """One DEMO clip: 1-3 random sound events over a quiet noise floor, float32 (samples,)."""
-    samples = int(seconds * SAMPLE_RATE)
+    samples = int(seconds * audio.SAMPLE_RATE)
     clip = 0.002 * rng.standard_normal(samples)
     for _ in range(rng.integers(1, 4)):
         length = int(rng.uniform(0.2, 1.0) * samples)
         start = rng.integers(0, samples - length + 1)
-        t = np.arange(length) / SAMPLE_RATE
+        t = np.arange(length) / audio.SAMPLE_RATE
         sound = DEMO_SOUNDS[rng.integers(len(DEMO_SOUNDS))](rng, t)
         fade = np.minimum(1, np.minimum(t, t[::-1]) / 0.01)  # 10 ms fades against clicks
         clip[start: start + length] += rng.uniform(0.1, 0.5) * sound * fade
@@ -970,7 +774,7 @@ def prepare_demo(
 
 def write_wav(path: Path, clip: np.ndarray) -> None:
     """A 16-bit 16 kHz WAV, atomically (an interrupted run never leaves half a file)."""
-    files.atomic_write(path, lambda tmp: sf.write(tmp, clip, SAMPLE_RATE, subtype="PCM_16",
+    files.atomic_write(path, lambda tmp: sf.write(tmp, clip, audio.SAMPLE_RATE, subtype="PCM_16",
                                                   format="WAV"))
 
 
@@ -994,7 +798,7 @@ def measure_crops_per_second(dataset: CropDataset, batch_size: int, workers: int
 
 
 @click.group()
-def cli() -> None:
+def main() -> None:
     """Prepare log-mel feature stores for pretraining."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -1005,11 +809,11 @@ def one_line_errors() -> Iterator[None]:
     click's one-line "Error: ..." and a non-zero exit, without a traceback."""
     try:
         yield
-    except (ValueError, OSError, AudioError) as error:
+    except (ValueError, OSError, audio.AudioError) as error:
         raise click.ClickException(str(error)) from None
 
 
-@cli.command("prepare")
+@main.command("prepare")
 @click.argument("audio_dirs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Store directory (created, or resumed if it holds a store).")
@@ -1024,7 +828,7 @@ def prepare_command(audio_dirs: tuple[str, ...], out: str, workers: int, shard_m
     click.echo(f"prepare: {summary}")
 
 
-@cli.command("demo")
+@main.command("demo")
 @click.option("--out", default="cache/demo_store", show_default=True,
               type=click.Path(file_okay=False), help="Store directory (the WAVs go to OUT/demo_audio).")
 @click.option("--clips", type=click.IntRange(min=1), default=256, show_default=True,
@@ -1040,7 +844,7 @@ def demo_command(out: str, clips: int, seconds: float, seed: int) -> None:
                f"{files.shown(out)} (not real audio)")
 
 
-@cli.command("speed")
+@main.command("speed")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Crops per batch.")
@@ -1061,4 +865,4 @@ def speed_command(store: str, batch_size: int, worker_counts: tuple[int, ...],
 
 
 if __name__ == "__main__":
-    cli()
+    main()

@@ -14,9 +14,9 @@ scale overflow the power spectrum), raise ValueError naming the rows: never NaN 
 
 From audio to frames (16 kHz, hop 160 samples = 10 ms, patch height 4 mel frames = 40 ms)
 ----------------------------------------------------------------------------------------
-1. Log-mel of the whole clip (data.LogMel, centred frames): M = samples // 160 + 1 mel
+1. Log-mel of the whole clip (audio.LogMel, centred frames): M = samples // 160 + 1 mel
    frames, frame j centred at j * 10 ms. Long clips are computed in segments of 60 s.
-2. Per-clip normalisation with the statistics of the whole clip (data.normalize).
+2. Per-clip normalisation with the statistics of the whole clip (audio.normalize).
 3. Embedding frame k is the patch row of mel frames 4k..4k+3, centred at 40k + 15 ms.
    A clip gets every frame whose centre lies inside the audio:
        T = max(1, (samples - 240) // 640 + 1)        (see `num_frames`)
@@ -68,14 +68,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import audio
 import data
 import files
 import mae
 
-SAMPLE_RATE = data.SAMPLE_RATE
+SAMPLE_RATE = audio.SAMPLE_RATE
 SEGMENT_FRAMES = 6000  # log-mel of long clips in segments of 60 s
 LAYOUTS = ("time", "official")
-MIN_SAMPLES = data.N_FFT  # one 25-ms analysis window: the shortest sound the HEAR API takes
+MIN_SAMPLES = audio.N_FFT  # one 25-ms analysis window: the shortest sound the HEAR API takes
 MAX_CHANNELS = 8  # a 2-D input whose second dimension is this small is channels, not time
 OUTPUTS = ("embeddings.npy", "files.txt", "bad_files.tsv", "model.json", "timestamps")  # in --out
 
@@ -85,13 +86,13 @@ OUTPUTS = ("embeddings.npy", "files.txt", "bad_files.tsv", "model.json", "timest
 def num_frames(samples: int, patch_frames: int = 4) -> int:
     """Embedding frames of a clip: those whose centre (patch_frames * k + (patch_frames - 1) / 2)
     hops lies inside the audio, at least one. For 4-frame patches: (samples - 240) // 640 + 1."""
-    edge = data.HOP * (patch_frames - 1) // 2  # samples from a patch's first frame to its centre
-    return max(1, (samples - edge) // (data.HOP * patch_frames) + 1)
+    edge = audio.HOP * (patch_frames - 1) // 2  # samples from a patch's first frame to its centre
+    return max(1, (samples - edge) // (audio.HOP * patch_frames) + 1)
 
 
 def frame_timestamps(n_frames: int, patch_frames: int = 4) -> torch.Tensor:
     """Centres of the embedding frames in ms: (patch_frames * k + (patch_frames - 1) / 2) * 10."""
-    hop_ms = 1000.0 * data.HOP / SAMPLE_RATE
+    hop_ms = 1000.0 * audio.HOP / SAMPLE_RATE
     k = torch.arange(n_frames, dtype=torch.float64)
     return ((patch_frames * k + (patch_frames - 1) / 2) * hop_ms).float()  # (T,)
 
@@ -130,14 +131,14 @@ class Embedder(nn.Module):
 
     def __init__(self, model: mae.MAE, layout: str = "time", batch_size: int = 32, source: str = ""):
         super().__init__()
-        if model.cfg.input_size[1] != data.N_MELS:
-            raise ValueError(f"the model expects {model.cfg.input_size[1]} mel bins; the frontend gives {data.N_MELS}")
+        if model.cfg.input_size[1] != audio.N_MELS:
+            raise ValueError(f"the model expects {model.cfg.input_size[1]} mel bins; the frontend gives {audio.N_MELS}")
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}: use one of {LAYOUTS}")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.mae = model.eval().requires_grad_(False)
-        self.frontend = data.LogMel()
+        self.frontend = audio.LogMel()
         self.layout, self.batch_size, self.source = layout, batch_size, source
         self.chunk_frames = model.cfg.input_size[0]  # 200 mel frames
         self.patch_frames = model.cfg.patch_size[0]  # 4 mel frames per embedding frame
@@ -165,11 +166,11 @@ class Embedder(nn.Module):
         `segment_frames` so that a long clip never needs a whole-clip STFT. Each segment is
         cut with two hops of context on the left and one on the right, so its frames equal
         those of the whole-clip transform (the clip's own ends keep their reflect padding)."""
-        samples, hop = wave.shape[-1], data.HOP
-        total = max(samples, data.N_FFT // 2 + 1) // hop + 1
+        samples, hop = wave.shape[-1], audio.HOP
+        total = max(samples, audio.N_FFT // 2 + 1) // hop + 1
         if total <= segment_frames:
             return self.frontend(wave.to(self.device))
-        out = torch.empty(total, data.N_MELS, device=self.device)
+        out = torch.empty(total, audio.N_MELS, device=self.device)
         for a in range(0, total, segment_frames):
             b = min(a + segment_frames, total)
             first = max(0, a - 2)  # frame `a` needs samples from a * hop - 200 on
@@ -182,14 +183,14 @@ class Embedder(nn.Module):
         """(samples,) -> normalised chunks (C, 200, 80) and the frames each one keeps.
 
         Every way audio enters embedding (files, the HEAR API) passes here, so this is where
-        the log-mel is checked: data.check_finite raises AudioError(what, "log-mel not
+        the log-mel is checked: audio.check_finite raises AudioError(what, "log-mel not
         finite ...") for NaN/Inf samples or samples that overflow the frontend (e.g. 1e30),
         which would otherwise give an all-NaN embedding."""
         T = self.num_frames(wave.shape[-1])
         C = math.ceil(T / self.frames_per_chunk)
         log_mel = self.log_mel(wave)
-        data.check_finite(log_mel, what)
-        x = data.normalize(log_mel)[: C * self.chunk_frames]  # (<= C * 200, 80)
+        audio.check_finite(log_mel, what)
+        x = audio.normalize(log_mel)[: C * self.chunk_frames]  # (<= C * 200, 80)
         if x.shape[0] < C * self.chunk_frames:
             x = x[reflect_indices(x.shape[0], C * self.chunk_frames).to(x.device)]
         kept = [self.frames_per_chunk] * (C - 1) + [T - self.frames_per_chunk * (C - 1)]
@@ -265,7 +266,7 @@ def wave_chunks(clips: Iterable, model: Embedder) -> Iterator[Prepared]:
             raise ValueError(f"clip {index}: expected a non-empty 1-D waveform, got shape {tuple(wave.shape)}")
         try:
             chunks, kept = model.chunks(wave, what=f"clip {index}")
-        except data.AudioError as error:  # the HEAR API promises ValueError for bad input
+        except audio.AudioError as error:  # the HEAR API promises ValueError for bad input
             raise ValueError(str(error)) from None
         yield index, chunks, kept
 
@@ -365,9 +366,9 @@ def file_chunks(paths: Iterable[str], model: Embedder, usable: list[str], bad: d
     non-finite log-mel) instead of raising."""
     for path in paths:
         try:
-            wave = torch.from_numpy(data.load_audio(path))
+            wave = torch.from_numpy(audio.load_audio(path))
             chunks, kept = model.chunks(wave, what=files.shown(path))
-        except data.AudioError as error:
+        except audio.AudioError as error:
             bad[path] = error.reason
             continue
         usable.append(path)

@@ -40,6 +40,7 @@ import click
 import torch
 from matplotlib.figure import Figure
 
+import audio
 import data
 import mae
 
@@ -144,7 +145,7 @@ def summarise_pool(store_dir: Path, extract_dir: Path, debs: dict[str, Path]) ->
         bad[package_of(path, extract_dir)] += 1
     return [PackageAudio(package, deb.name.split("_")[1].replace("%3a", ":"),
                          POOL_PACKAGES.get(package, ""), files[package], bad[package],
-                         frames[package] * data.HOP / data.SAMPLE_RATE / 3600,
+                         frames[package] * audio.HOP / audio.SAMPLE_RATE / 3600,
                          licences(extract_dir / package / "usr/share/doc" / package / "copyright"))
             for package, deb in debs.items()]
 
@@ -217,7 +218,7 @@ def subset_task(task: Path, out: Path, max_per_split: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("task_metadata.json", "labelvocabulary.csv"):
         (out / name).write_text((task / name).read_text())
-    rate = str(metadata.get("sample_rate", data.SAMPLE_RATE))
+    rate = str(metadata.get("sample_rate", audio.SAMPLE_RATE))
     for split in metadata["splits"]:
         labels = json.loads((task / f"{split}.json").read_text())
         kept = sorted(labels, key=lambda f: hashlib.sha1(f.encode()).hexdigest())[:max_per_split]
@@ -383,12 +384,12 @@ def results_markdown(title: str, context: dict, score_md: str, tasks_md: str, tr
 # ----------------------------------------------------------------------------- command line
 
 @click.group()
-def cli() -> None:
+def main() -> None:
     """Small-scale reproduction: build the audio pool, run the experiment."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
-@cli.command("pool")
+@main.command("pool")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Pool folder: debs/, extract/, store/, pool.json, pool.md.")
 @click.option("--package", "packages", multiple=True, default=tuple(POOL_PACKAGES),
@@ -401,7 +402,7 @@ def pool_command(out: Path, packages: tuple[str, ...], workers: int) -> None:
     click.echo(f"pool: store {out / 'store'}, {sum(r.hours for r in rows):.2f} h of audio")
 
 
-@cli.command("run")
+@main.command("run")
 @click.option("--pool", "pool_store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Feature store of the pretraining pool (POOL_DIR/store).")
 @click.option("--tasks", "task_root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -451,7 +452,7 @@ def run_command(pool_store, task_root, out, work, steps, batch_size, blr, warmup
     def context() -> dict:
         return {
             "pool": f"{pool_store} ({100 * fraction:g}% of its files: {len(pool)} clips, "
-                    f"{pool.frames.sum() * data.HOP / data.SAMPLE_RATE / 3600:.2f} h)",
+                    f"{pool.frames.sum() * audio.HOP / audio.SAMPLE_RATE / 3600:.2f} h)",
             "models": f"{', '.join(MODELS)} with overrides {s.overrides or 'none'}",
             "pretraining": f"{steps} steps, batch {batch_size}, blr {blr} (lr {blr * batch_size / 256:.3g}), "
                            f"{s.warmup_steps} warm-up steps, seed {seed}, fp32 CPU",
@@ -479,4 +480,4 @@ def run_command(pool_store, task_root, out, work, steps, batch_size, blr, warmup
 
 
 if __name__ == "__main__":
-    cli()
+    main()

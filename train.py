@@ -193,13 +193,13 @@ def micro_batches(loader: data.EpochLoader, seed: int, epoch: int, skip: int, pe
                   num_patches: int):
     """Endless (crops (B, T, F), noise (B, L)), starting at micro-batch `skip` of `epoch`.
     Each epoch yields `per_epoch` micro-batches (whole optimizer steps; the rest is dropped).
-    Skipped micro-batches of a resumed epoch are still read from the loader, not used."""
+    Skipped micro-batches of a resumed epoch are still read from the loader, not used.
+    The loader gives each crop's clip index with it (data.CropDataset), which the mask noise
+    is drawn from."""
     while True:
         loader.set_epoch(epoch)
-        order = torch.tensor(list(loader.sampler))  # this process's clips, in batch order
-        indices = order[: per_epoch * loader.batch_size].view(per_epoch, loader.batch_size)
-        for ids, crops in itertools.islice(zip(indices, loader), skip, None):
-            yield crops, mask_noise(ids, seed, epoch, num_patches)
+        for crops, clips in itertools.islice(loader, skip, per_epoch):
+            yield crops, mask_noise(clips, seed, epoch, num_patches)
         epoch, skip = epoch + 1, 0
 
 
@@ -549,7 +549,8 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
         if master:
             keep_metrics_until(out / METRICS, step)
         dataset.set_epoch(0)
-        example = dataset[0][None].to(device, dtype)  # the clip shown in every figure
+        first_crop, _ = dataset[0]  # clip 0, shown in every figure
+        example = first_crop[None].to(device, dtype)
         example_noise = mask_noise(torch.tensor([0]), seed, 0, cfg.num_patches).to(device)
         echo(f"{model_name}: "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {device} "

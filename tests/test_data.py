@@ -1,4 +1,7 @@
-"""Tests for data.py: audio loading and the log-mel frontend."""
+"""Tests for audio.py (reading audio, the log-mel frontend) and data.py (feature store, crops,
+loader, demo set)."""
+import subprocess
+import sys
 from pathlib import Path
 
 import librosa
@@ -7,9 +10,11 @@ import pytest
 import soundfile as sf
 import torch
 
+import audio
 import data
 
-CLIPS = Path(__file__).resolve().parent / "fixtures" / "audio"
+REPO = Path(__file__).resolve().parents[1]
+CLIPS = REPO / "tests" / "fixtures" / "audio"
 EPS = np.finfo(np.float32).eps
 
 
@@ -20,10 +25,10 @@ def real_clips() -> list[Path]:
     return [CLIPS / name for name in names]
 
 
-def librosa_log_mel(audio: np.ndarray, htk: bool = True, eps: float = EPS) -> np.ndarray:
+def librosa_log_mel(samples: np.ndarray, htk: bool = True, eps: float = EPS) -> np.ndarray:
     """Float64 reference: librosa with the SPEC's frontend arguments -> (frames, 80)."""
     mel = librosa.feature.melspectrogram(
-        y=audio.astype(np.float64), sr=16000, n_fft=400, hop_length=160, win_length=400,
+        y=samples.astype(np.float64), sr=16000, n_fft=400, hop_length=160, win_length=400,
         window="hann", center=True, pad_mode="reflect", power=2.0, n_mels=80,
         fmin=50.0, fmax=8000.0, htk=htk, norm=None, dtype=np.float64,
     )  # (80, frames)
@@ -35,9 +40,9 @@ def sine(freq: float, seconds: float, rate: int) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-def peak_frequency(audio: np.ndarray, rate: int) -> float:
-    spectrum = np.abs(np.fft.rfft(audio * np.hanning(len(audio))))
-    return float(np.fft.rfftfreq(len(audio), 1 / rate)[spectrum.argmax()])
+def peak_frequency(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
 
 
 # ---------------------------------------------------------------------------
@@ -49,26 +54,26 @@ def test_filterbank_matches_librosa():
     reference = librosa.filters.mel(
         sr=16000, n_fft=400, n_mels=80, fmin=50, fmax=8000, htk=True, norm=None, dtype=np.float64
     ).T
-    np.testing.assert_allclose(data.mel_filterbank(), reference, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(audio.mel_filterbank(), reference, rtol=0, atol=1e-12)
 
 
 def test_log_mel_float64_matches_librosa():
-    frontend = data.LogMel(dtype=torch.float64)
+    frontend = audio.LogMel(dtype=torch.float64)
     for path in real_clips():
-        audio = data.load_audio(path)
-        ours = frontend(torch.from_numpy(audio.astype(np.float64))).numpy()
-        reference = librosa_log_mel(audio)
-        assert ours.shape == reference.shape == (1 + len(audio) // 160, 80)
+        samples = audio.load_audio(path)
+        ours = frontend(torch.from_numpy(samples.astype(np.float64))).numpy()
+        reference = librosa_log_mel(samples)
+        assert ours.shape == reference.shape == (1 + len(samples) // 160, 80)
         assert np.abs(ours - reference).max() <= 1e-4, path.name  # typically ~1e-13
 
 
 def test_log_mel_float32_close_to_float64_reference():
-    frontend = data.LogMel()
+    frontend = audio.LogMel()
     for path in real_clips():
-        audio = data.load_audio(path)
-        ours = frontend(torch.from_numpy(audio))
+        samples = audio.load_audio(path)
+        ours = frontend(torch.from_numpy(samples))
         assert ours.dtype == torch.float32
-        difference = np.abs(ours.numpy() - librosa_log_mel(audio))
+        difference = np.abs(ours.numpy() - librosa_log_mel(samples))
         # float32 FFT rounding: ~1e-6 on average, up to ~1e-3 in near-silent bins (see SPEC).
         assert difference.mean() <= 1e-4, path.name
 
@@ -76,13 +81,13 @@ def test_log_mel_float32_close_to_float64_reference():
 @pytest.mark.parametrize("variant", [{"htk": False}, {"eps": 1e-10}, {"eps": 1e-6}])
 def test_librosa_comparison_detects_wrong_variants(variant):
     """The reference comparison above is sensitive to the mel scale and the log eps."""
-    audio = data.load_audio(real_clips()[0])
-    ours = data.LogMel(dtype=torch.float64)(torch.from_numpy(audio.astype(np.float64))).numpy()
-    assert np.abs(ours - librosa_log_mel(audio, **variant)).max() > 1e-4
+    samples = audio.load_audio(real_clips()[0])
+    ours = audio.LogMel(dtype=torch.float64)(torch.from_numpy(samples.astype(np.float64))).numpy()
+    assert np.abs(ours - librosa_log_mel(samples, **variant)).max() > 1e-4
 
 
 def test_log_mel_shapes_batches_and_short_inputs():
-    frontend = data.LogMel()
+    frontend = audio.LogMel()
     batch = torch.randn(3, 2, 16000)
     out = frontend(batch)
     assert out.shape == (3, 2, 101, 80)
@@ -93,7 +98,7 @@ def test_log_mel_shapes_batches_and_short_inputs():
 
 
 def test_log_mel_buffers_follow_module_and_are_not_saved():
-    frontend = data.LogMel()
+    frontend = audio.LogMel()
     assert frontend.state_dict() == {}
     assert frontend.double().window.dtype == torch.float64
     assert frontend(torch.randn(1000, dtype=torch.float64)).dtype == torch.float64
@@ -101,7 +106,7 @@ def test_log_mel_buffers_follow_module_and_are_not_saved():
 
 def test_normalize_whole_clip_population_std():
     x = torch.randn(4, 200, 80, dtype=torch.float64) * 3 + 5
-    y = data.normalize(x)
+    y = audio.normalize(x)
     torch.testing.assert_close(y.mean(dim=(-2, -1)), torch.zeros(4, dtype=torch.float64))
     torch.testing.assert_close(y.std(dim=(-2, -1), correction=0), torch.ones(4, dtype=torch.float64))
     expected = (x[0].numpy() - x[0].numpy().mean()) / (x[0].numpy().std() + 1e-8)  # numpy: ddof 0
@@ -117,26 +122,26 @@ def test_load_audio_mixes_stereo_to_mono(tmp_path):
     left, right = sine(440, 0.5, 16000), sine(1000, 0.5, 16000)
     path = tmp_path / "stereo.wav"
     sf.write(path, np.stack([left, right], axis=1), 16000, subtype="FLOAT")
-    audio = data.load_audio(path)
-    assert audio.dtype == np.float32 and audio.shape == (8000,)
-    np.testing.assert_allclose(audio, (left + right) / 2, atol=1e-7)
+    samples = audio.load_audio(path)
+    assert samples.dtype == np.float32 and samples.shape == (8000,)
+    np.testing.assert_allclose(samples, (left + right) / 2, atol=1e-7)
 
 
 @pytest.mark.parametrize("rate", [44100, 8000])
 def test_load_audio_resamples_to_16k(tmp_path, rate):
     path = tmp_path / f"tone_{rate}.flac"
     sf.write(path, sine(1000, 1.0, rate), rate)
-    audio = data.load_audio(path)
-    assert audio.dtype == np.float32 and audio.ndim == 1
-    assert abs(len(audio) - 16000) <= 1
-    assert abs(peak_frequency(audio, 16000) - 1000) <= 2
-    assert 0.45 < np.abs(audio[1000:-1000]).max() < 0.55
+    samples = audio.load_audio(path)
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    assert abs(len(samples) - 16000) <= 1
+    assert abs(peak_frequency(samples, 16000) - 1000) <= 2
+    assert 0.45 < np.abs(samples[1000:-1000]).max() < 0.55
 
 
 def test_load_audio_keeps_silence(tmp_path):
     path = tmp_path / "silence.wav"
     sf.write(path, np.zeros(1600, dtype=np.float32), 16000)
-    assert not data.load_audio(path).any()
+    assert not audio.load_audio(path).any()
 
 
 def write_bad_file(folder: Path, kind: str) -> Path:
@@ -151,14 +156,14 @@ def write_bad_file(folder: Path, kind: str) -> Path:
         sf.write(path, np.zeros(0, dtype=np.float32), 16000)
     elif kind == "nan":
         path = folder / "nan.wav"
-        audio = sine(440, 0.5, 16000)
-        audio[100] = np.nan
-        sf.write(path, audio, 16000, subtype="FLOAT")
+        samples = sine(440, 0.5, 16000)
+        samples[100] = np.nan
+        sf.write(path, samples, 16000, subtype="FLOAT")
     elif kind == "inf":
         path = folder / "inf.wav"
-        audio = sine(440, 0.5, 16000)
-        audio[100] = np.inf
-        sf.write(path, audio, 16000, subtype="FLOAT")
+        samples = sine(440, 0.5, 16000)
+        samples[100] = np.inf
+        sf.write(path, samples, 16000, subtype="FLOAT")
     elif kind == "text":
         path = folder / "text.wav"
         path.write_text("this is not audio\n" * 100)
@@ -168,10 +173,42 @@ def write_bad_file(folder: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind", ["missing", "zero_bytes", "no_samples", "nan", "inf", "text"])
 def test_load_audio_rejects_bad_files(tmp_path, kind):
     path = write_bad_file(tmp_path, kind)
-    with pytest.raises(data.AudioError) as caught:
-        data.load_audio(path)
+    with pytest.raises(audio.AudioError) as caught:
+        audio.load_audio(path)
     assert path.name in str(caught.value)
     assert caught.value.reason
+
+
+# ---------------------------------------------------------------------------
+# audio.py alone, and as a command
+# ---------------------------------------------------------------------------
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+
+
+def test_frontend_module_imports_no_model_and_no_data_code():
+    done = run_python("-c", "import sys, audio; print(sorted({'attention', 'mae', 'data', "
+                            "'train', 'embed'} & set(sys.modules)))")
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_audio_command_prints_the_log_mel_of_one_file():
+    path = real_clips()[0]  # 1 s at 16 kHz
+    done = run_python("audio.py", str(path))
+    assert done.returncode == 0, done.stderr
+    log_mel = audio.LogMel()(torch.from_numpy(audio.load_audio(path)))  # (101, 80)
+    assert done.stdout.startswith(f"{path}: 1.00 s -> log-mel (101, 80)")
+    assert f"mean {log_mel.mean():.2f}, std {log_mel.std(correction=0):.2f}" in done.stdout
+
+
+def test_audio_command_refuses_bad_files_in_one_line(tmp_path):
+    path = write_bad_file(tmp_path, "text")
+    done = run_python("audio.py", str(path))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"Error: {path}: unreadable (Format not recognised.)\n"
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +282,7 @@ def test_store_holds_float16_log_mel_and_float32_stats(store_dir, audio_folder):
     store = data.FeatureStore(store_dir)
     entries = data.read_index(store_dir)
     for index, entry in enumerate(entries):
-        expected = data.LogMel()(torch.from_numpy(data.load_audio(entry["path"])))  # (frames, 80)
+        expected = audio.LogMel()(torch.from_numpy(audio.load_audio(entry["path"])))  # (frames, 80)
         stored = store.log_mel(index)
         assert stored.dtype == np.float16 and stored.shape == tuple(expected.shape)
         np.testing.assert_allclose(stored.astype(np.float32), expected.numpy(), rtol=1e-3, atol=1e-3)
@@ -291,12 +328,12 @@ def test_crops_are_normalised_reproducible_and_padded(store_dir):
     store = data.FeatureStore(store_dir)
     dataset = data.CropDataset(store, crop_frames=200, seed=3)
     for index in range(len(store)):
-        crop = dataset[index]
-        assert crop.dtype == torch.float32 and crop.shape == (200, 80)
-        torch.testing.assert_close(crop, dataset[index], rtol=0, atol=0)
+        crop, clip = dataset[index]
+        assert crop.dtype == torch.float32 and crop.shape == (200, 80) and clip == index
+        torch.testing.assert_close(crop, dataset[index][0], rtol=0, atol=0)
         frames = int(store.frames[index])
         start = dataset.crop_start(index)
-        whole = data.normalize(torch.from_numpy(store.log_mel(index).astype(np.float32)))
+        whole = audio.normalize(torch.from_numpy(store.log_mel(index).astype(np.float32)))
         valid = min(frames, 200)
         # stats are of the float32 log-mel, the frames float16: agreement to float16 precision
         torch.testing.assert_close(crop[:valid], whole[start: start + valid], rtol=0, atol=1e-2)
@@ -323,19 +360,34 @@ def test_loader_batches_and_worker_independence(store_dir):
     dataset = data.CropDataset(data.FeatureStore(store_dir), seed=1)
     loader = data.make_loader(dataset, batch_size=2, workers=0, seed=5)
     loader.set_epoch(1)
-    first = list(loader)
+    first = [crops for crops, _ in loader]
     assert len(first) == len(GOOD) // 2 and first[0].shape == (2, 200, 80)
     loader.set_epoch(1)
-    again = list(loader)
+    again = [crops for crops, _ in loader]
     parallel = data.make_loader(dataset, batch_size=2, workers=2, seed=5)
     parallel.set_epoch(1)
-    for a, b, c in zip(first, again, parallel):
+    for a, b, (c, _) in zip(first, again, parallel):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=0, atol=0)
     loader.set_epoch(2)
-    assert not all(torch.equal(a, b) for a, b in zip(first, loader))
+    assert not all(torch.equal(a, b) for a, (b, _) in zip(first, loader))
     with pytest.raises(ValueError):
         data.make_loader(dataset, batch_size=len(GOOD) + 1)
+
+
+def test_loader_batches_carry_their_clip_indices(store_dir):
+    """Each batch says which clips it holds (train.py draws the mask noise from them): the
+    sampler's order, with workers too, and each crop is that clip's crop."""
+    dataset = data.CropDataset(data.FeatureStore(store_dir), seed=1)
+    for workers in (0, 2):
+        loader = data.make_loader(dataset, batch_size=2, workers=workers, seed=5)
+        loader.set_epoch(3)
+        batches = list(loader)
+        order = list(loader.sampler)[: 2 * len(batches)]  # drop_last: 5 clips, 2 batches
+        assert [clip for _, clips in batches for clip in clips.tolist()] == order
+        assert all(clips.dtype == torch.int64 and clips.shape == (2,) for _, clips in batches)
+        crops, clips = batches[-1]
+        torch.testing.assert_close(crops[1], dataset[int(clips[1])][0], rtol=0, atol=0)
 
 
 def test_loader_splits_between_distributed_ranks(store_dir, monkeypatch):
@@ -364,5 +416,5 @@ def test_demo_store(tmp_path):
     store = data.prepare_demo(tmp_path / "demo", n_clips=6, seconds=2.5)
     assert len(store) == 6 and (store.frames == 251).all()
     assert data.read_bad_files(store.root) == {}
-    crop = data.CropDataset(store)[0]
-    assert crop.shape == (200, 80) and torch.isfinite(crop).all()
+    crop, clip = data.CropDataset(store)[0]
+    assert clip == 0 and crop.shape == (200, 80) and torch.isfinite(crop).all()

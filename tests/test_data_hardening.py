@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import audio
 import data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +121,8 @@ def test_load_audio_refuses_special_files_under_the_name_given(tmp_path):
     cases = {"/dev/zero": "character device", str(tmp_path / "pipe.wav"): "FIFO",
              str(tmp_path / "dangling.wav"): "broken symbolic link"}
     for path, words in cases.items():
-        with deadline(20), pytest.raises(data.AudioError) as caught:
-            data.load_audio(path)
+        with deadline(20), pytest.raises(audio.AudioError) as caught:
+            audio.load_audio(path)
         assert caught.value.path == path and words in caught.value.reason
 
 
@@ -160,7 +161,7 @@ def test_prepare_keeps_non_utf8_names_exactly(tmp_path):
     assert [entry["path"] for entry in data.read_index(store)] == [good]
     assert list(data.read_bad_files(store)) == [bad]
     assert b"\xff\xfe.wav" in (store / data.BAD_FILE).read_bytes()  # the name's own bytes
-    assert data.load_audio(good).shape == (16000,)
+    assert audio.load_audio(good).shape == (16000,)
 
 
 # ---------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def test_cached_store_follows_deleted_and_rewritten_files(tmp_path):
     second = data.open_or_prepare_store([folder], cache_dir=cache)
     paths = [entry["path"] for entry in data.read_index(second.root)]
     assert paths == [str(folder / "clip0.wav"), str(folder / "clip2.wav")]
-    expected = data.LogMel()(torch.from_numpy(new_audio)).numpy()  # (51, 80)
+    expected = audio.LogMel()(torch.from_numpy(new_audio)).numpy()  # (51, 80)
     np.testing.assert_allclose(second.log_mel(1).astype(np.float32), expected, atol=1e-2, rtol=1e-3)
 
 
@@ -284,7 +285,7 @@ def test_prepare_command_prints_its_summary_once_with_plurals(tmp_path):
 
 
 def test_every_option_of_the_data_commands_has_help():
-    for name, command in data.cli.commands.items():
+    for name, command in data.main.commands.items():
         for param in command.params:
             if param.param_type_name == "option":
                 assert param.help, f"data.py {name} {param.opts[0]} has no help text"
@@ -296,9 +297,9 @@ def test_every_option_of_the_data_commands_has_help():
 
 
 def test_check_finite_names_the_file():
-    data.check_finite(torch.zeros(3, 80), "fine.wav")
-    data.check_finite(np.zeros((2, 3, 80)), "fine.wav")
+    audio.check_finite(torch.zeros(3, 80), "fine.wav")
+    audio.check_finite(np.zeros((2, 3, 80)), "fine.wav")
     for bad in (torch.tensor([[0.0, float("inf")]]), np.array([np.nan])):
-        with pytest.raises(data.AudioError) as caught:
-            data.check_finite(bad, "loud.wav")
+        with pytest.raises(audio.AudioError) as caught:
+            audio.check_finite(bad, "loud.wav")
         assert caught.value.path == "loud.wav" and "log-mel not finite" in caught.value.reason

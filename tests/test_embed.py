@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-import data
+import audio
 import embed
 import mae
 
@@ -102,7 +102,7 @@ def test_two_seconds_is_one_chunk_without_padding(model):
     wave = noise(1, 2.0)[0]
     chunks, kept = model.chunks(wave)
     assert chunks.shape == (1, 200, 80) and kept == [50]
-    expected = data.normalize(data.LogMel()(wave))[:200]  # 201 mel frames, the last one unused
+    expected = audio.normalize(audio.LogMel()(wave))[:200]  # 201 mel frames, the last one unused
     torch.testing.assert_close(chunks[0], expected)
 
 
@@ -116,7 +116,7 @@ def test_recipe_against_direct_computation(model):
     """1.07 s: whole-clip normalised log-mel, reflect-padded (numpy) to 200 frames, encoded,
     the first 27 frames kept."""
     wave = noise(1, 1.07, seed=3)[0]
-    x = data.normalize(data.LogMel()(wave)).numpy()  # (108, 80)
+    x = audio.normalize(audio.LogMel()(wave)).numpy()  # (108, 80)
     padded = torch.from_numpy(np.pad(x, ((0, 200 - len(x)), (0, 0)), mode="reflect"))
     with torch.no_grad():
         expected = model.mae.forward_features(padded[None])[0, :27]
@@ -167,7 +167,7 @@ def test_ten_minutes_in_bounded_pieces(model, monkeypatch):
     T = embed.num_frames(samples)
     assert T == 15000 and sum(encoder_batches) == math.ceil(T / 50)
     assert max(encoder_batches) <= 16
-    assert max(stft_inputs) <= (embed.SEGMENT_FRAMES + 3) * data.HOP
+    assert max(stft_inputs) <= (embed.SEGMENT_FRAMES + 3) * audio.HOP
     frames, stamps = embed.get_timestamp_embeddings(wave[None], model)
     model.batch_size = 4
     assert frames.shape == (1, T, 960) and stamps[0, -1] <= samples / 16
@@ -220,19 +220,19 @@ def test_preset_is_seeded_and_checkpoints_load(tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_end_to_end(tmp_path, model):
-    audio = tmp_path / "audio"
-    (audio / "sub").mkdir(parents=True)
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    sf.write(audio / "a.wav", 0.1 * rng.standard_normal(16000).astype(np.float32), 16000)
-    sf.write(audio / "sub" / "b.flac", 0.1 * rng.standard_normal(44100 * 3).astype(np.float32), 44100)
-    sf.write(audio / "c.wav", 0.1 * rng.standard_normal(400).astype(np.float32), 16000)
-    (audio / "broken.wav").write_bytes(b"RIFF not really a wave file")
-    sf.write(audio / "empty.wav", np.zeros(0, np.float32), 16000)
-    (audio / "notes.txt").write_text("not audio")
+    sf.write(folder / "a.wav", 0.1 * rng.standard_normal(16000).astype(np.float32), 16000)
+    sf.write(folder / "sub" / "b.flac", 0.1 * rng.standard_normal(44100 * 3).astype(np.float32), 44100)
+    sf.write(folder / "c.wav", 0.1 * rng.standard_normal(400).astype(np.float32), 16000)
+    (folder / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    sf.write(folder / "empty.wav", np.zeros(0, np.float32), 16000)
+    (folder / "notes.txt").write_text("not audio")
     checkpoint = tmp_path / "model.safetensors"
     mae.save_pretrained(model.mae, checkpoint)
     out = tmp_path / "out"
-    result = CliRunner().invoke(embed.main, [str(checkpoint), str(audio), "--out", str(out),
+    result = CliRunner().invoke(embed.main, [str(checkpoint), str(folder), "--out", str(out),
                                              "--timestamps", "--device", "cpu", "--batch-size", "3"])
     assert result.exit_code == 0, result.output
     files = (out / "files.txt").read_text().splitlines()
@@ -243,7 +243,7 @@ def test_cli_end_to_end(tmp_path, model):
     embeddings = np.load(out / "embeddings.npy")
     assert embeddings.dtype == np.float32 and embeddings.shape == (3, 960)
     for row, file in enumerate(files):
-        wave = torch.from_numpy(data.load_audio(file))
+        wave = torch.from_numpy(audio.load_audio(file))
         expected = embed.get_scene_embeddings(wave[None], model)[0].numpy()
         np.testing.assert_allclose(embeddings[row], expected, atol=1e-5, rtol=1e-5)
         stored = np.load(out / "timestamps" / f"{row:06d}.npz")

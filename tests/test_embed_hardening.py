@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-import data
+import audio
 import embed
 import files
 import mae
@@ -191,7 +191,7 @@ def test_hear_api_rejects_non_finite_audio(model, function):
 
 def test_every_clip_is_checked_after_the_frontend(model):
     """Embedder.chunks, the step every file and HEAR clip passes, refuses a non-finite log-mel."""
-    with pytest.raises(data.AudioError, match="x.wav: log-mel not finite"):
+    with pytest.raises(audio.AudioError, match="x.wav: log-mel not finite"):
         model.chunks(torch.full((4000,), 1e30), what="x.wav")
     chunks, kept = model.chunks(torch.zeros(4000), what="silence.wav")  # finite: -log(eps)
     assert torch.isfinite(chunks).all() and kept == [embed.num_frames(4000)]
