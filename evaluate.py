@@ -4,19 +4,25 @@ Commands
 --------
     python evaluate.py MODEL TASK_DIR... [--seeds 10] [--out results/NAME]   (or: evaluate.py run ...)
     python evaluate.py score RESULTS... [--out FILE]
-`run` embeds every task with embed.py (scene embeddings, cached in OUT/cache/<task>.npz with
-the model and task as key), then trains the probes, one job per (task, seed), in parallel
-processes on a CPU (--jobs, default one per core), and writes OUT/results.json and
-OUT/results.md as each task completes. `score` compares results.json files (or the folders
-holding them) with the normalised overall score s(m). A model literally named "run" or
-"score" needs `run` spelled out.
+`run` embeds every task with embed.py (cached in OUT/cache/<task>.npz, keyed by the model's
+weights hash, config and layout and by every audio file's name, size and times, so changed
+weights or audio are embedded again), then trains the probes, one job per (task, seed), in
+parallel processes on a CPU (--jobs, default one per core), and writes OUT/results.json and
+OUT/results.md as each task completes. Files that cannot be used (unreadable, or a log-mel
+that is not finite) are left out, named on stderr and listed in results.json; no probe is
+ever trained on a NaN embedding. OUT is locked while `run` works in it (a second process
+fails at once) and must be new, empty, or hold only an earlier `run` of the same model
+(which is replaced, its embeddings reused); --overwrite replaces `run`'s outputs in any
+other folder. `score` compares results.json files (or the folders holding them) with the
+normalised overall score s(m). A model literally named "run" or "score" needs `run`
+spelled out. Bad options, models and task folders end with one line naming what is wrong.
 
 Task folders (hear-preprocess layout)
 -------------------------------------
 task_metadata.json (task_name, embedding_type, prediction_type, split_mode, splits,
 evaluation: primary score first), labelvocabulary.csv (idx,label), <split>.json
 ({file: [labels]}, or {file: [{"label", "start", "end"} in ms]} for event tasks) and audio in
-<sample rate>/<split>/<file> (16000 preferred; any rate is resampled by data.load_audio).
+<sample rate>/<split>/<file> (16000 preferred; any rate is resampled by audio.load_audio).
 
 Scene tasks: one scene embedding (D,) per file, one probe example per file.
 Event tasks (multilabel): timestamp embeddings, one probe example per 40-ms frame, labelled
@@ -35,8 +41,8 @@ Linear(D, 1024) -> BatchNorm1d -> Dropout -> ReLU -> Linear(1024, labels), xavie
 weights (gain 1, then the ReLU gain for the output layer), PyTorch's default biases.
 Adam, lr 1e-4, batches of 1024 (one full batch when the training set is no larger, shuffled
 minibatches otherwise), at most 500 epochs; the primary score is checked on the validation
-set every 3 epochs, training stops after 20 checks without a strict gain and the weights of
-the best check are tested. Multiclass: cross-entropy, scores on softmax outputs (top1_acc);
+set every 3 epochs (and at the end of a run shorter than that, e.g. --max-epochs 1), training
+stops after 20 checks without a strict gain and the weights of the best check are tested. Multiclass: cross-entropy, scores on softmax outputs (top1_acc);
 multilabel: binary cross-entropy, scores on sigmoid outputs (mAP, macro; events as above).
 Splits: trainvaltest uses its splits; k-fold tasks use each sorted fold once as test, the
 next one as validation and the rest for training. As in hear-eval-kit, the dropout
@@ -67,10 +73,12 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
 import multiprocessing
 import os
+import re
 import statistics
 import time
 from collections.abc import Iterator
@@ -87,8 +95,9 @@ from tqdm import tqdm
 
 import embed
 import files
+import mae
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -120,8 +129,12 @@ class Task:
         """(split, file) of every example, splits in metadata order, files sorted."""
         return [(split, file) for split in self.metadata["splits"] for file in sorted(self.splits[split])]
 
+    @functools.cached_property
+    def audio_dir(self) -> Path:
+        return audio_root(self.root)
+
     def audio_path(self, split: str, file: str) -> Path:
-        return audio_root(self.root) / split / file
+        return self.audio_dir / split / file
 
     @functools.cached_property
     def label_ids(self) -> dict[str, int]:
@@ -129,7 +142,7 @@ class Task:
 
     def label_index(self, label, where: str) -> int:
         if str(label) not in self.label_ids:
-            raise ValueError(f"{self.name}: label {label!r} of {where} is not in labelvocabulary.csv")
+            raise ValueError(f"{where}: label {label!r} is not in {files.shown(self.root / 'labelvocabulary.csv')}")
         return self.label_ids[str(label)]
 
     def targets(self, items: list[tuple[str, str]]) -> np.ndarray:
@@ -160,61 +173,144 @@ def audio_root(task_dir: Path) -> Path:
     else the highest one."""
     rates = sorted(int(p.name) for p in task_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if not rates:
-        raise ValueError(f"{task_dir}: no audio folder named by its sample rate (e.g. 16000/)")
+        raise ValueError(f"{files.shown(task_dir)}: no audio folder named by its sample rate (e.g. 16000/)")
     above = [r for r in rates if r >= embed.SAMPLE_RATE]
     return task_dir / str(above[0] if above else rates[-1])
 
 
 def load_task(task_dir: str | Path) -> Task:
-    """Read and check a HEAR task folder."""
+    """Read and check a HEAR task folder. Anything malformed raises ValueError naming the file
+    and what it should hold, before any audio is read."""
     root = Path(task_dir)
     meta_path = root / "task_metadata.json"
     if not meta_path.is_file():
-        raise ValueError(f"{root}: not a HEAR task folder (no task_metadata.json)")
-    metadata = json.loads(meta_path.read_text())
-    kind = metadata.get("embedding_type")
-    if kind not in ("scene", "event"):
-        raise ValueError(f"{root}: unknown embedding_type {kind!r} (scene or event)")
-    if metadata.get("prediction_type") not in ("multiclass", "multilabel"):
-        raise ValueError(f"{root}: unknown prediction_type {metadata.get('prediction_type')!r}")
-    if kind == "event" and metadata["prediction_type"] != "multilabel":
-        raise ValueError(f"{root}: event tasks are multilabel (several events may overlap)")
-    known = SCORES if kind == "scene" else EVENT_SCORES
-    unknown = [s for s in metadata.get("evaluation", []) if s not in known]
-    if not metadata.get("evaluation") or unknown:
-        raise ValueError(f"{root}: scores {unknown or '(none)'} not supported for {kind} tasks; "
-                         f"known: {', '.join(known)}")
-    if kind == "event" and not EVENT_SCORES[metadata["evaluation"][0]].maximize:
-        raise ValueError(f"{root}: the primary score {metadata['evaluation'][0]} is an error rate; "
-                         "early stopping needs a score to maximise first")
-    with open(root / "labelvocabulary.csv", newline="") as f:
-        rows = sorted((int(row["idx"]), row["label"]) for row in csv.DictReader(f))
-    if [i for i, _ in rows] != list(range(len(rows))):
-        raise ValueError(f"{root}: labelvocabulary.csv indices are not 0..{len(rows) - 1}")
-    splits = {s: json.loads((root / f"{s}.json").read_text()) for s in metadata["splits"]}
-    data_splits(metadata)  # refuse an unknown split mode early
-    task = Task(root, metadata, [label for _, label in rows], splits)
+        raise ValueError(f"{files.shown(root)}: not a HEAR task folder (no task_metadata.json)")
+    metadata = read_json(meta_path)
+    check_metadata(metadata, meta_path)
+    labels = read_label_vocabulary(root / "labelvocabulary.csv")
+    splits = {}
+    for split in metadata["splits"]:
+        split_path = root / f"{split}.json"
+        splits[split] = read_json(split_path)
+        if not isinstance(splits[split], dict):
+            raise ValueError(f"{files.shown(split_path)}: expected an object {{file name: [labels]}}, "
+                             f"got {json_kind(splits[split])}")
+    task = Task(root, metadata, labels, splits)
     check_labels(task)
     return task
 
 
+def json_kind(value) -> str:
+    """How a JSON value is described in messages: 'a list', 'the number 5', ..."""
+    if isinstance(value, (dict, list)):
+        return f"a {'list' if isinstance(value, list) else 'object'}"
+    return f"{json.dumps(value)[:40]}"
+
+
+def read_json(path: Path):
+    """A task's JSON file; ValueError naming the file when it is missing, not UTF-8 or not JSON."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{files.shown(path)}: missing") from None
+    except OSError as error:
+        raise ValueError(f"{files.shown(path)}: unreadable ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{files.shown(path)}: not UTF-8 text (byte {error.start}); "
+                         "task files must be UTF-8 JSON") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{files.shown(path)}: not valid JSON ({error.msg}, line {error.lineno})") from None
+
+
+METADATA_TYPES = {"task_name": str, "embedding_type": str, "prediction_type": str, "split_mode": str,
+                  "splits": list, "evaluation": list}
+
+
+def check_metadata(metadata, path: Path) -> None:
+    """Refuse task_metadata.json unless it holds the keys evaluation needs, with usable values."""
+    where = files.shown(path)
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: expected an object with {', '.join(METADATA_TYPES)}; got {json_kind(metadata)}")
+    missing = [key for key in METADATA_TYPES if key not in metadata]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}")
+    for key, kind in METADATA_TYPES.items():
+        value = metadata[key]
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) and v for v in value)):
+            expected = "a list of names" if kind is list else "a string"
+            raise ValueError(f"{where}: {key} must be {expected}, got {json_kind(value)}")
+    if not metadata["task_name"]:
+        raise ValueError(f"{where}: task_name is empty")
+    if not metadata["splits"] or len(set(metadata["splits"])) < len(metadata["splits"]):
+        raise ValueError(f"{where}: splits must name one or more distinct splits, got {metadata['splits']!r}")
+    kind = metadata["embedding_type"]
+    if kind not in ("scene", "event"):
+        raise ValueError(f"{where}: unknown embedding_type {kind!r} (scene or event)")
+    if metadata["prediction_type"] not in ("multiclass", "multilabel"):
+        raise ValueError(f"{where}: unknown prediction_type {metadata['prediction_type']!r} (multiclass or multilabel)")
+    if kind == "event" and metadata["prediction_type"] != "multilabel":
+        raise ValueError(f"{where}: event tasks are multilabel (several events may overlap)")
+    known = SCORES if kind == "scene" else EVENT_SCORES
+    unknown = [s for s in metadata["evaluation"] if s not in known]
+    if not metadata["evaluation"] or unknown:
+        raise ValueError(f"{where}: scores {unknown or '(none)'} not supported for {kind} tasks; "
+                         f"known: {', '.join(known)}")
+    if kind == "event" and not EVENT_SCORES[metadata["evaluation"][0]].maximize:
+        raise ValueError(f"{where}: the primary score {metadata['evaluation'][0]} is an error rate; "
+                         "early stopping needs a score to maximise first")
+    try:
+        data_splits(metadata)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def read_label_vocabulary(path: Path) -> list[str]:
+    """labelvocabulary.csv: a header idx,label and one row per label, idx 0..n-1 in any order."""
+    where = files.shown(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{where}: missing") from None
+    except OSError as error:
+        raise ValueError(f"{where}: unreadable ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where}: not UTF-8 text (byte {error.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or not {"idx", "label"} <= set(reader.fieldnames):
+        raise ValueError(f"{where}: expected the header idx,label, got {','.join(reader.fieldnames or [])!r}")
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        if row["label"] is None or not re.fullmatch(r"\s*[0-9]+\s*", row["idx"] or ""):
+            raise ValueError(f"{where}: line {line}: expected an integer idx and a label, got {row['idx']!r},{row['label']!r}")
+        rows.append((int(row["idx"]), row["label"]))
+    rows.sort()
+    if [i for i, _ in rows] != list(range(len(rows))):
+        raise ValueError(f"{where}: indices are not 0..{len(rows) - 1}")
+    return [label for _, label in rows]
+
+
 def check_labels(task: Task) -> None:
-    """Refuse labels missing from the vocabulary, multiclass files without exactly one label
-    and malformed events, before any embedding is computed."""
-    for split, files in task.splits.items():
-        for file, labels in files.items():
-            where = f"{split}/{file}"
+    """Refuse labels that are not lists, labels missing from the vocabulary, multiclass files
+    without exactly one label and malformed events, before any embedding is computed."""
+    for split, labelled in task.splits.items():
+        for file, labels in labelled.items():
+            where = f"{files.shown(task.root / f'{split}.json')}: {files.shown(file)}"
+            if not isinstance(labels, list):
+                example = '["dog"]' if task.embedding_type == "scene" else '[{"label": "dog", "start": 0, "end": 500}]'
+                raise ValueError(f"{where}: labels must be a list (e.g. {example}), got {json_kind(labels)}")
             if task.embedding_type == "scene":
                 if task.prediction_type == "multiclass" and len(labels) != 1:
-                    raise ValueError(f"{task.name}: {where} has {len(labels)} labels in a multiclass task")
+                    raise ValueError(f"{where}: has {len(labels)} labels in a multiclass task (needs exactly one)")
                 for label in labels:
                     task.label_index(label, where)
                 continue
             for event in labels:
                 if not isinstance(event, dict) or not {"label", "start", "end"} <= set(event):
-                    raise ValueError(f"{task.name}: {where}: events need label, start and end (ms), got {event!r}")
+                    raise ValueError(f"{where}: events need label, start and end (ms), got {event!r}")
+                if not all(isinstance(event[t], (int, float)) and not isinstance(event[t], bool) for t in ("start", "end")):
+                    raise ValueError(f"{where}: event start and end must be numbers (ms), got {event!r}")
                 if not event["start"] <= event["end"]:
-                    raise ValueError(f"{task.name}: {where}: an event ends before it starts: {event!r}")
+                    raise ValueError(f"{where}: an event ends before it starts: {event!r}")
                 task.label_index(event["label"], where)
 
 
@@ -259,23 +355,72 @@ class Embedded:
                        [tuple(item.split("/", 1)) for item in stored["items"]], json.loads(str(stored["bad"])))
 
 
+NOT_FINITE = "embedding not finite from a finite log-mel (are the model's weights finite?)"
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-def task_embeddings(task: Task, model: embed.Embedder, cache: Path | None, memo: dict[str, np.ndarray]) -> Embedded:
-    """Embeddings of every readable file of a task: scene embeddings (D,) per file for scene
-    tasks, timestamp embeddings (T, D) for event tasks. Unreadable files are left out and
-    listed with their reason.
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of a model's tensors (names, dtypes, shapes and bytes): what its embeddings depend
+    on, whichever file or preset the weights came from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
-    cache: an .npz reused when its key (model + task folder) matches, else (re)written.
+
+def model_identity(model: embed.Embedder) -> dict:
+    """The model as results.json records it and embedding caches are keyed by it: where it
+    came from, layout, config and the hash of its weights."""
+    return {**model.describe(), "weights_sha256": weights_digest(model)}
+
+
+def same_model(recorded: dict, identity: dict) -> bool:
+    """Whether a results.json's model is `identity` (same weights, config and layout; the
+    file it was read from may have moved)."""
+    normal = json.loads(json.dumps(identity))  # tuples as JSON gives them back
+    return all(recorded.get(key) == normal[key] for key in ("weights_sha256", "config", "layout"))
+
+
+def audio_identity(task: Task) -> str:
+    """sha256 of every audio file's path, size, mtime and ctime, without reading the audio: a
+    clip replaced, added or removed changes it (ctime also changes when a copy keeps the old
+    mtime)."""
+    digest = hashlib.sha256(task.embedding_type.encode())
+    for item in task.items():
+        path = task.audio_path(*item)
+        try:
+            stat = path.stat()
+            state = f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ctime_ns}"
+        except OSError:
+            state = "missing"
+        digest.update(f"{path.relative_to(task.root)}\0{state}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def task_embeddings(task: Task, model: embed.Embedder, cache: Path | None, memo: dict[str, np.ndarray],
+                    identity: dict | None = None) -> Embedded:
+    """Embeddings of every readable file of a task: scene embeddings (D,) per file for scene
+    tasks, timestamp embeddings (T, D) for event tasks. Files that cannot be used (unreadable,
+    not regular files, a log-mel or embedding that is not finite: one NaN row would make a
+    probe's weights NaN) are left out and listed with their reason, as embed.embed_files
+    reports them.
+
+    cache: an .npz reused when its key matches: the model's identity (weights hash included)
+    and the task's audio files (names, sizes, times), else (re)written.
     memo: (kind, digest of the file bytes) -> embedding, shared across tasks so that
     identical audio (e.g. the two mridangam tasks) is embedded once.
+    identity: model_identity(model), computed here when not given.
     """
-    key = json.dumps({"version": CACHE_VERSION, "model": model.describe(),
-                      "task": str(task.root.resolve())}, sort_keys=True)
-    if cache is not None and cache.is_file() and (stored := Embedded.load(cache, key)) is not None:
-        return stored
+    if cache is not None:
+        key = json.dumps({"version": CACHE_VERSION, "model": identity or model_identity(model),
+                          "audio": audio_identity(task)}, sort_keys=True)
+        if cache.is_file() and (stored := Embedded.load(cache, key)) is not None:
+            return stored
     items = task.items()
     paths = {item: task.audio_path(*item) for item in items}
     digests = {item: f"{task.embedding_type}:{file_digest(path)}" if path.is_file() else "" for item, path in paths.items()}
@@ -283,18 +428,24 @@ def task_embeddings(task: Task, model: embed.Embedder, cache: Path | None, memo:
     for item in items:
         if digests[item] and digests[item] not in memo:
             todo.setdefault(digests[item], str(paths[item]))
-    good, bad_paths = [], {}
-    clips = embed.read_clips(tqdm(todo.values(), desc=f"embed {task.name}", unit="file"), good, bad_paths)
+    bad_paths = {}  # path -> reason: unreadable, not a regular file, log-mel not finite
     by_path = {path: digest for digest, path in todo.items()}
-    embeddings = embed.scene_embeddings if task.embedding_type == "scene" else embed.timestamp_embeddings
-    for index, embedding in embeddings(clips, model):
-        memo[by_path[good[index]]] = embedding.float().cpu().numpy()
+    embedded = embed.embed_files(tqdm(todo.values(), desc=f"embed {task.name}", unit="file"), model, bad_paths,
+                                 timestamps=task.embedding_type == "event")
+    for path, embedding in embedded:
+        embedding = embedding.float().cpu().numpy()
+        if np.isfinite(embedding).all():
+            memo[by_path[path]] = embedding
+        else:
+            bad_paths[path] = NOT_FINITE
     kept = [item for item in items if digests[item] in memo]
-    if not kept:
-        raise ValueError(f"{task.name}: none of its {len(items)} audio files could be read")
     bad = {str(paths[item]): ("missing file" if not digests[item] else
-                              bad_paths.get(str(paths[item]), "same bytes as an unreadable file"))
+                              bad_paths.get(str(paths[item]), "same bytes as a file left out"))
            for item in items if digests[item] not in memo}
+    if not kept:
+        path, reason = next(iter(bad.items()))
+        raise ValueError(f"{task.name}: none of its {len(items)} audio files can be used "
+                         f"(e.g. {files.shown(path)}: {reason})")
     if task.embedding_type == "scene":
         x = np.stack([memo[digests[item]] for item in kept])
         row_item, timestamps = np.arange(len(kept)), np.zeros(len(kept), np.float32)
@@ -307,6 +458,16 @@ def task_embeddings(task: Task, model: embed.Embedder, cache: Path | None, memo:
     if cache is not None:
         result.save(cache, key)
     return result
+
+
+def check_finite(task: Task, emb: Embedded) -> None:
+    """Refuse embeddings with NaN or Inf rows, naming their files: one such row is enough to
+    make a probe's weights NaN."""
+    rows = ~np.isfinite(emb.x).all(axis=1)
+    if rows.any():
+        names = sorted({"/".join(emb.items[i]) for i in np.unique(emb.row_item[rows])})
+        raise ValueError(f"{task.name}: embeddings not finite for {len(names)} file(s), not training on them: "
+                         f"{', '.join(map(files.shown, names[:5]))}{', ...' if len(names) > 5 else ''}")
 
 
 # ----------------------------------------------------------------------------- scores
@@ -664,6 +825,13 @@ def predict(probe: nn.Module, x: torch.Tensor, prediction_type: str) -> np.ndarr
     return probs.float().cpu().numpy()
 
 
+def is_check(epoch: int, cfg: ProbeConfig) -> bool:
+    """Whether the probe is validated after `epoch`: every check_every epochs as hear-eval-kit,
+    and at the end of a run shorter than one check interval, which would otherwise have no
+    check to take weights from."""
+    return epoch % cfg.check_every == 0 or epoch == cfg.max_epochs < cfg.check_every
+
+
 def train_probe(train: Split, valid: Split, prediction_type: str, scorer: SceneScorer | EventScorer,
                 dropout: float, seed: int, cfg: ProbeConfig) -> TrainedProbe:
     """Train one probe with early stopping on the primary validation score; keeps the best check."""
@@ -683,7 +851,7 @@ def train_probe(train: Split, valid: Split, prediction_type: str, scorer: SceneS
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if epoch % cfg.check_every:
+        if not is_check(epoch, cfg):
             continue
         value, postprocessing = scorer.validate(predict(probe, valid.x, prediction_type))
         if value > best:  # a NaN score is never a gain
@@ -711,6 +879,7 @@ def row_targets(task: Task, emb: Embedded) -> np.ndarray:
 def evaluate_task(task: Task, emb: Embedded, seed: int, cfg: ProbeConfig, device: str | torch.device = "cpu") -> dict:
     """One seed of hear-eval-kit's procedure on a task: dropout chosen on the first split,
     one probe per split, test scores per split and their mean over folds."""
+    check_finite(task, emb)
     x_all = torch.from_numpy(emb.x).to(device)
     y_all = torch.from_numpy(row_targets(task, emb)).to(device)
     split_of_row = np.array([split for split, _ in emb.items])[emb.row_item]
@@ -800,25 +969,35 @@ def summarize(runs: list[dict], score_names: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------- reports
 
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """'1 seed', '2 seeds', '1 process', '4 processes'."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def percent(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
 
 
+def mean_ci_text(score: dict) -> str:
+    """A score's mean ± 95% CI in %, as the console and results.md both show it ("± n/a" for
+    a single seed, which has no interval)."""
+    return f"{percent(score['mean'])} ± {percent(score['ci95'])}"
+
+
 def results_markdown(results: dict) -> str:
     lines = [f"Model: {results['model_arg']} ({results['model']['source']}, layout {results['model']['layout']}); "
-             f"{len(results['seeds'])} seeds; scores in %, mean ± 95% CI over seeds.", "",
+             f"{counted(len(results['seeds']), 'seed')}; scores in %, mean ± 95% CI over seeds.", "",
              "| task | score | mean ± 95% CI | dropout per seed | embedding s | probe s (all seeds) |",
              "|---|---|---|---|---|---|"]
     for name, task in results["tasks"].items():
-        s = task["scores"][task["primary"]]
-        ci = "" if math.isnan(s["ci95"]) else f" ± {percent(s['ci95'])}"
         dropouts = ", ".join(str(run["dropout"]) for run in task["runs"])
-        lines.append(f"| {name} | {task['primary']} | {percent(s['mean'])}{ci} | {dropouts} | "
+        lines.append(f"| {name} | {task['primary']} | {mean_ci_text(task['scores'][task['primary']])} | {dropouts} | "
                      f"{task['embedding_s']:.0f} | {task['probe_s']:.0f} |")
     if "probe_wall_s" in results:
         embedding_s = sum(task["embedding_s"] for task in results["tasks"].values())
         lines += ["", f"Wall time: embeddings {embedding_s / 60:.1f} min, probes {results['probe_wall_s'] / 60:.1f} min "
-                      f"({results['probe_processes']} processes x {results['probe_threads']} threads)."]
+                      f"({counted(results['probe_processes'], 'process', 'processes')} x "
+                      f"{counted(results['probe_threads'], 'thread')})."]
     return "\n".join(lines) + "\n"
 
 
@@ -832,16 +1011,38 @@ def score_markdown(table: dict[str, dict[str, float]], overall: dict[str, float]
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, value) -> None:
-    text = json.dumps(value, indent=1, allow_nan=True) + "\n"
-    files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_text(path: Path, text: str) -> None:
-    files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 # ----------------------------------------------------------------------------- command line
+
+OUTPUTS = ("results.json", "results.md", "cache")  # what `run` writes in --out
+
+
+def task_file_name(name: str) -> str:
+    """A task name as a file name inside --out: only letters, digits, '.', '-' and '_', never
+    hidden or a path (a task_name of '../../x' stays inside); a name that had to change gets a
+    short hash of the original so that two tasks never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
+    if safe == name:
+        return name
+    return f"{safe or 'task'}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+def holds_own_results(out: Path, identity: dict) -> bool:
+    """Whether `out` holds only what `run` writes, with results (if any) of the same model: a
+    rerun there replaces the results and reuses the cached embeddings."""
+    if not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()
+             if p.name != files.LOCK_NAME and not (p.name.startswith(".") and p.name.endswith(files.TEMP_SUFFIX))}
+    if not names <= set(OUTPUTS):
+        return False
+    if "results.json" not in names:
+        return True
+    try:
+        recorded = json.loads(files.read_text(out / "results.json"))["model"]
+        return same_model(recorded, identity)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
 
 class DefaultGroup(click.Group):
     """A click group whose first word may be left out: `evaluate.py MODEL TASKS...` means
@@ -858,83 +1059,129 @@ def cli():
     """HEAR downstream evaluation: `run` (the default) and `score`."""
 
 
-@cli.command()
-@click.argument("model_path", metavar="MODEL")
-@click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Output folder [default: results/<model name>].")
-@click.option("--seeds", default=10, show_default=True, help="Probe seeds 0..N-1.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", default=32, show_default=True, help="2-s chunks per encoder forward pass.")
-@click.option("--layout", type=click.Choice(embed.LAYOUTS), default="time", show_default=True)
-@click.option("--seed", "model_seed", default=0, show_default=True, help="Seed of a preset's random init.")
-@click.option("--max-epochs", default=500, show_default=True, help="Probe epoch limit (500 as HEAR).")
-@click.option("--standardize/--no-standardize", default=False, show_default=True,
-              help="Scale embeddings with training-split statistics (hear-eval-kit does not).")
-@click.option("--jobs", "n_jobs", type=int, default=None,
-              help="Probe processes [default: one per CPU core on cpu, 1 on cuda].")
-@click.option("--threads", type=int, default=None,
-              help="torch threads per process [default: embedding: torch's choice; probes: cores / jobs].")
-def run(model_path, task_dirs, out, seeds, device, batch_size, layout, model_seed, max_epochs,
-        standardize, n_jobs, threads):
-    """Evaluate MODEL (a checkpoint or a preset name) on the HEAR task folders TASK_DIR...."""
-    if threads:
-        torch.set_num_threads(threads)
+def load_model(model_path: str, layout: str, seed: int, batch_size: int, device: str) -> embed.Embedder:
+    """embed.load_model with one-line errors, and a note when MODEL names a preset: its weights
+    are a random initialisation."""
+    if model_path in mae.PRESETS:
+        click.echo(f"{model_path} is a preset name: evaluating its random initialisation (seed {seed}), "
+                   "not pretrained weights", err=True)
+    try:
+        model = embed.load_model(model_path, layout=layout, seed=seed, batch_size=batch_size)
+    except (ValueError, OSError) as error:  # mae.CheckpointError is a ValueError
+        raise click.ClickException(str(error)) from error
+    return model.to(device)
+
+
+def load_tasks(task_dirs: tuple[str, ...]) -> list[Task]:
     for path in task_dirs:
         if not Path(path).is_dir():
-            click.echo(f"skipping {path}: not a folder", err=True)
+            click.echo(f"skipping {files.shown(path)}: not a folder", err=True)
     try:
         tasks = [load_task(d) for d in task_dirs if Path(d).is_dir()]
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from error
     if not tasks:
         raise click.ClickException("no task folders given")
     if len({task.name for task in tasks}) < len(tasks):
         raise click.ClickException("two task folders have the same task_name")
-    out = Path(out or Path("results") / Path(model_path).stem)
-    device = embed.pick_device(device)
-    model = embed.load_model(model_path, layout=layout, seed=model_seed, batch_size=batch_size).to(device)
-    cfg = ProbeConfig(max_epochs=max_epochs, standardize=standardize)
-    results = {"model_arg": model_path, "model": model.describe(), "probe": dataclasses.asdict(cfg),
-               "seeds": list(range(seeds)), "tasks": {}}
+    return tasks
 
-    # 1. Embeddings of every task, cached in OUT/cache (identical audio is embedded once).
+
+def embed_tasks(tasks: list[Task], model: embed.Embedder, identity: dict, out: Path) -> dict[str, dict]:
+    """Embeddings of every task, cached in OUT/cache (identical audio is embedded once); the
+    files left out are named on stderr."""
     memo: dict[str, np.ndarray] = {}
     embedded = {}
     for task in tasks:
         start = time.perf_counter()
-        cache = out / "cache" / f"{task.name}.npz"
+        cache = out / "cache" / f"{task_file_name(task.name)}.npz"
         try:
-            emb = task_embeddings(task, model, cache, memo)
+            emb = task_embeddings(task, model, cache, memo, identity)
         except ValueError as error:  # no readable audio at all
             raise click.ClickException(str(error)) from error
+        for path, reason in list(emb.bad.items())[:10]:
+            click.echo(f"{task.name}: left out {files.shown(path)}: {reason}", err=True)
+        if len(emb.bad) > 10:
+            click.echo(f"{task.name}: {counted(len(emb.bad) - 10, 'more file')} left out (all listed in results.json)", err=True)
         embedded[task.name] = {"cache": cache, "examples": len(emb.items), "frames": len(emb.x),
                                "bad_files": emb.bad, "embedding_s": time.perf_counter() - start}
-    del memo, model
+    return embedded
 
-    # 2. Probes: one job per (task, seed), in parallel processes on a CPU.
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL")
+@click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: results/<model name>].")
+@click.option("--overwrite", is_flag=True,
+              help="Replace evaluate's outputs in an --out that holds other work.")
+@click.option("--seeds", type=click.IntRange(min=1), default=10, show_default=True, help="Probe seeds 0..N-1.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="2-s chunks per encoder forward pass.")
+@click.option("--layout", type=click.Choice(embed.LAYOUTS), default="time", show_default=True)
+@click.option("--seed", "model_seed", default=0, show_default=True, help="Seed of a preset's random init.")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Probe epoch limit (500 as HEAR).")
+@click.option("--standardize/--no-standardize", default=False, show_default=True,
+              help="Scale embeddings with training-split statistics (hear-eval-kit does not).")
+@click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=None,
+              help="Probe processes [default: one per CPU core on cpu, 1 on cuda].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads per process [default: embedding: torch's choice; probes: cores / jobs].")
+def run(model_path, task_dirs, out, overwrite, seeds, device, batch_size, layout, model_seed, max_epochs,
+        standardize, n_jobs, threads):
+    """Evaluate MODEL (a checkpoint or a preset name) on the HEAR task folders TASK_DIR...."""
+    if threads:
+        torch.set_num_threads(threads)
+    tasks = load_tasks(task_dirs)
+    out = Path(out or Path("results") / Path(model_path).stem)
+    device = embed.pick_device(device)
+    model = load_model(model_path, layout, model_seed, batch_size, device)
+    identity = model_identity(model)
+    try:
+        output = files.OutputFolder(out, own=OUTPUTS, resumable=holds_own_results(out, identity), overwrite=overwrite)
+    except files.OutputError as error:
+        raise click.ClickException(str(error)) from error
+    with output:
+        cfg = ProbeConfig(max_epochs=max_epochs, standardize=standardize)
+        results = {"model_arg": model_path, "model": identity, "probe": dataclasses.asdict(cfg),
+                   "seeds": list(range(seeds)), "tasks": {}}
+        embedded = embed_tasks(tasks, model, identity, out)
+        del model
+        run_all_probes(tasks, embedded, results, out, cfg, device, n_jobs, threads)
+    click.echo(results_markdown(results))
+    click.echo(f"written: {files.shown(out / 'results.json')}, {files.shown(out / 'results.md')}")
+
+
+def run_all_probes(tasks: list[Task], embedded: dict[str, dict], results: dict, out: Path, cfg: ProbeConfig,
+                   device: str, n_jobs: int | None, threads: int | None) -> None:
+    """Probes: one job per (task, seed), in parallel processes on a CPU; results.json and
+    results.md are rewritten as each task completes."""
+    seeds = len(results["seeds"])
     jobs = [(task, embedded[task.name]["cache"], seed, cfg, device) for task in tasks for seed in range(seeds)]
     workers = n_jobs or (min(cpu_cores(), len(jobs)) if device == "cpu" else 1)
     probe_threads = threads or max(1, cpu_cores() // workers)
     start, done = time.perf_counter(), {task.name: [] for task in tasks}
     probes = run_probes(jobs, workers, probe_threads)
     try:
-        for index, run_result in tqdm(probes, total=len(jobs), desc=f"probes ({workers} processes)", unit="seed"):
+        for index, run_result in tqdm(probes, total=len(jobs), desc=f"probes ({counted(workers, 'process', 'processes')})", unit="seed"):
             task = jobs[index][0]
             done[task.name].append(run_result)
             if len(done[task.name]) == seeds:
                 report_task(results, task, embedded[task.name], sorted(done[task.name], key=lambda r: r["seed"]))
                 results["tasks"] = {t.name: results["tasks"][t.name] for t in tasks if t.name in results["tasks"]}
-                write_json(out / "results.json", results)
-                write_text(out / "results.md", results_markdown(results))
+                write_results(out, results)
     except ValueError as error:  # e.g. a split left without readable files; finished tasks are saved
         raise click.ClickException(str(error)) from error
     results["probe_wall_s"] = time.perf_counter() - start
     results["probe_processes"], results["probe_threads"] = workers, probe_threads
-    write_json(out / "results.json", results)
-    write_text(out / "results.md", results_markdown(results))
-    click.echo(results_markdown(results))
-    click.echo(f"written: {out / 'results.json'}, {out / 'results.md'}")
+    write_results(out, results)
+
+
+def write_results(out: Path, results: dict) -> None:
+    files.write_json(out / "results.json", results)
+    files.write_text(out / "results.md", results_markdown(results))
 
 
 def report_task(results: dict, task: Task, embedded: dict, runs: list[dict]) -> None:
@@ -945,8 +1192,8 @@ def report_task(results: dict, task: Task, embedded: dict, runs: list[dict]) -> 
              "runs": runs, "embedding_s": embedded["embedding_s"], "probe_s": sum(r["seconds"] for r in runs)}
     results["tasks"][task.name] = entry
     primary = entry["scores"][task.primary_score]
-    tqdm.write(f"{task.name}: {task.primary_score} {percent(primary['mean'])} ± {percent(primary['ci95'])} "
-               f"({entry['examples']} examples, {len(entry['bad_files'])} unreadable; embedding "
+    tqdm.write(f"{task.name}: {task.primary_score} {mean_ci_text(primary)} "
+               f"({counted(entry['examples'], 'example')}, {len(entry['bad_files'])} left out; embedding "
                f"{entry['embedding_s']:.0f} s, probes {entry['probe_s']:.0f} s of process time)")
 
 
@@ -955,8 +1202,11 @@ def read_results(path: str) -> tuple[str, dict]:
     path = Path(path)
     file = path / "results.json" if path.is_dir() else path
     if not file.is_file():
-        raise click.ClickException(f"{path}: no results.json")
-    return file.parent.name, json.loads(file.read_text())
+        raise click.ClickException(f"{files.shown(path)}: no results.json")
+    try:
+        return file.parent.name, json.loads(files.read_text(file))
+    except (OSError, ValueError) as error:
+        raise click.ClickException(f"{files.shown(file)}: not a readable results.json ({error})") from error
 
 
 @cli.command()
@@ -977,7 +1227,7 @@ def score(results, out):
     text = score_markdown(table, overall_scores(table))
     click.echo(text)
     if out:
-        write_text(Path(out), text)
+        files.write_text(Path(out), text)
 
 
 if __name__ == "__main__":
