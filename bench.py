@@ -45,7 +45,6 @@ import data
 import embed
 import files
 import mae
-import train
 from attention import (Attention, MultiWindowAttention, multiwindow_attention_reference, set_backend,
                        window_sizes)
 from audio import SAMPLE_RATE, LogMel
@@ -253,7 +252,7 @@ ATTENTION_FLOPS = {
 def training_step(model: mae.MAE, batch: torch.Tensor) -> Callable[[], None]:
     """Forward, backward and AdamW step, set up as train.py does (fp32 on CPU, bf16 autocast
     on CUDA, no weight decay on biases, norms, tokens and position tables)."""
-    optimizer = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
     autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=batch.is_cuda)
 
     def step():

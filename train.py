@@ -58,7 +58,6 @@ import data
 import files
 import mae
 
-NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")  # besides 1-D tensors
 MASK_STREAM = 0x6D61736B  # keeps the mask noise apart from data.py's crop randomness
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -160,15 +159,6 @@ def check_enough_clips(clips: int, world: int, batch_size: int, accum_steps: int
         f"{clips} clips over {world} process{'es' * (world != 1)} do not fill one optimizer step "
         f"of batch {batch_size} x {accum_steps} accumulation step{'s' * (accum_steps != 1)}: "
         f"{advice}")
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: not on biases, norms (1-D), tokens, position tables."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        skip = param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY
-        (no_decay if skip else decay).append(param)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
 def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
@@ -326,13 +316,6 @@ def keep_metrics_until(path: Path, step: int) -> None:
         files.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{x}\n" for x in lines)))
 
 
-def unpatchify(patches: torch.Tensor, cfg: mae.MAEConfig) -> torch.Tensor:
-    """(B, L, pt * pf) -> (B, T, F): the inverse of MAE.patchify."""
-    (T_, F_), (pt, pf) = cfg.grid, cfg.patch_size
-    x = patches.reshape(patches.shape[0], T_, F_, pt, pf).permute(0, 1, 3, 2, 4)
-    return x.reshape(patches.shape[0], T_ * pt, F_ * pf)
-
-
 def save_reconstruction(model: mae.MAE, x: torch.Tensor, noise: torch.Tensor, path: Path,
                         title: str) -> None:
     """PNG of one example x (1, T, F): input | masked input | reconstruction (the predicted
@@ -343,10 +326,10 @@ def save_reconstruction(model: mae.MAE, x: torch.Tensor, noise: torch.Tensor, pa
     model.train()
     patches, masked = model.patchify(x), mask[..., None].bool()  # (1, L, P), (1, L, 1)
     panels = {"input": x,
-              f"masked input ({model.cfg.mask_ratio:.0%} hidden)": unpatchify(
-                  patches.masked_fill(masked, float("nan")), model.cfg),
-              f"reconstruction (loss {loss.item():.3f})": unpatchify(
-                  torch.where(masked, pred, patches), model.cfg)}
+              f"masked input ({model.cfg.mask_ratio:.0%} hidden)": model.unpatchify(
+                  patches.masked_fill(masked, float("nan"))),
+              f"reconstruction (loss {loss.item():.3f})": model.unpatchify(
+                  torch.where(masked, pred, patches))}
     figure = Figure(figsize=(15, 3.5), layout="constrained")
     axes = figure.subplots(1, 3, sharey=True)
     low, high = np.percentile(x.cpu().numpy(), [1, 99])
@@ -535,7 +518,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
             precision = "fp32" if device.type == "cpu" else "bf16"
         dtype = torch.float64 if precision == "fp64" else torch.float32  # of weights and inputs
         model.to(device, dtype)
-        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=peak_lr, betas=betas)
+        optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=peak_lr, betas=betas)
         if checkpoint:
             with restoring(checkpoint_path):
                 optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the device

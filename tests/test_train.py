@@ -69,7 +69,7 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
 
 def test_weight_decay_only_on_weight_matrices():
     model = mae.build("mae-tiny", depth=1, decoder_depth=1, decoder_dim=64, trainable_pos=True)
-    decay, no_decay = train.param_groups(model, 0.05)
+    decay, no_decay = model.param_groups(0.05)
     names = {id(param): name for name, param in model.named_parameters()}
     skipped = {names[id(param)] for param in no_decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
