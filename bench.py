@@ -532,16 +532,14 @@ def format_report(results: dict) -> str:
 
 @click.command()
 @click.option("--quick", is_flag=True, help="The one-minute version: smaller batches and clips.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", type=mae.DeviceChoice(("cpu", "cuda")), default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
 @click.option("--only", "sections", multiple=True, type=click.Choice(FULL.sections),
               help="Run only these sections (repeatable).")
-def main(quick: bool, device: str, json_path: str | None, threads: int | None, sections: tuple[str, ...]):
+def main(quick: bool, device: torch.device, json_path: str | None, threads: int | None, sections: tuple[str, ...]):
     """Benchmark attention, the pretraining step, embeddings and the data pipeline."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
     if threads:
         torch.set_num_threads(threads)
     cfg = QUICK if quick else FULL

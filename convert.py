@@ -43,8 +43,8 @@ import torch
 
 from attention import window_sizes
 from files import shown
-from mae import (MAE, SIZES, CheckpointError, MAEConfig, config_for_weights, load_pretrained,
-                 model_file_kind, parse_overrides, save_pretrained)
+from checkpoints import CheckpointError, config_for_weights, load_pretrained, model_file_kind, save_pretrained
+from mae import MAE, SIZES, MAEConfig, parse_overrides
 
 
 # ============================================================================
@@ -645,7 +645,7 @@ def convert(path: str | os.PathLike, **overrides) -> MAE:
     if kind in ("torch", "torch-legacy"):
         checkpoint = safe_torch_load(path)
         if isinstance(checkpoint, Mapping) and {"config", "model"} <= checkpoint.keys():
-            return keep_weights(load_pretrained(path), overrides)  # ours: checked by mae
+            return keep_weights(load_pretrained(path), overrides)  # ours: checked by checkpoints
         # The AudioMAE++ release applies norm2 again before its SwiGLU (norm3 unused).
         state = audiomaepp_to_state_dict(_official_torch_state(checkpoint, path))
         release = dict(reuse_norm2=True)
@@ -731,10 +731,11 @@ def _may_be_flax(path: Path) -> bool:
               help="Output .safetensors file (weights + config).")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=JSON",
               help='Override an inferred config field, e.g. --set decoder_heads=16 --set windows="[2,5,250]".')
-def cli(checkpoint: Path, out: Path, overrides: tuple[str, ...]):
+def main(checkpoint: Path, out: Path, overrides: tuple[str, ...]):
     """Convert an official MW-MAE / MAE (flax msgpack) or AudioMAE++ (.pth) checkpoint,
-    or one of ours, to this project's safetensors format, loadable by embed.py,
-    evaluate.py and train.py."""
+    or one of ours, to this project's safetensors format, which embed.py, evaluate.py and
+    checkpoints.load_pretrained take (train.py does not: its --resume needs its own
+    checkpoint.pt)."""
     try:
         model = convert(checkpoint, **parse_overrides(overrides))
     except (ValueError, OSError) as error:  # CheckpointError and the readers' errors included
@@ -748,4 +749,4 @@ def cli(checkpoint: Path, out: Path, overrides: tuple[str, ...]):
 
 
 if __name__ == "__main__":
-    cli()
+    main()

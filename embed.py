@@ -3,7 +3,7 @@
 HEAR API (module level, so `embed` is a HEAR module as it is)
 ------------------------------------------------------------
     load_model(model_file_path="mwmae-tiny", layout="time", seed=0, batch_size=32) -> Embedder
-        A checkpoint (.safetensors from mae.save_pretrained, or a training checkpoint .pt),
+        A checkpoint (.safetensors from checkpoints.save_pretrained, or a training checkpoint .pt),
         or a preset name ("mwmae-tiny", ...) for a seeded random initialisation.
     get_scene_embeddings(audio (n, samples), model) -> float32 (n, D)
     get_timestamp_embeddings(audio (n, samples), model) -> (float32 (n, T, D), float32 (n, T) ms)
@@ -41,7 +41,7 @@ only to compare with the paper's tables; the default "time" layout is the correc
 Command line
 ------------
     python embed.py MODEL AUDIO_DIR... --out OUT [--timestamps] [--batch-size 32]
-                    [--device auto|cpu|cuda] [--layout time|official] [--overwrite]
+                    [--device auto|cpu|cuda|xla] [--layout time|official] [--overwrite]
 writes OUT/embeddings.npy (float32 [files, D], scene embeddings), OUT/files.txt (one path per
 row), OUT/model.json (what made the embeddings), OUT/bad_files.tsv (path<TAB>reason for every
 file that could not be used: unreadable, not a regular file, non-finite log-mel; they are
@@ -69,6 +69,7 @@ from torch import nn
 from tqdm import tqdm
 
 import audio
+import checkpoints
 import data
 import files
 import mae
@@ -207,10 +208,10 @@ class Embedder(nn.Module):
 
 def load_model(model_file_path: str = "mwmae-tiny", layout: str = "time", seed: int = 0,
                batch_size: int = 32) -> Embedder:
-    """HEAR entry point: a checkpoint file (mae.load_pretrained) or a preset name from
+    """HEAR entry point: a checkpoint file (checkpoints.load_pretrained) or a preset name from
     mae.PRESETS, which gives a random initialisation drawn with torch seed `seed`.
 
-    Raises mae.CheckpointError (a ValueError) for a file that is not a model, ValueError for
+    Raises checkpoints.CheckpointError (a ValueError) for a file that is not a model, ValueError for
     an unknown name, FileNotFoundError for a missing file (a name with a folder or suffix);
     every message is one line naming the file."""
     name = str(model_file_path)
@@ -220,7 +221,7 @@ def load_model(model_file_path: str = "mwmae-tiny", layout: str = "time", seed: 
             model = mae.build(name)
         source = f"preset {name}, seed {seed}"
     elif Path(name).is_file():
-        model = mae.load_pretrained(name)
+        model = checkpoints.load_pretrained(name)
         stat = Path(name).stat()
         source = f"{Path(name).resolve()} ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
     else:
@@ -232,7 +233,7 @@ def unknown_model(name: str) -> Exception:
     """The error for a MODEL that is neither a preset nor a regular file, with the presets
     closest to what was typed (a misspelt preset is the usual cause)."""
     if os.path.lexists(name):
-        return mae.CheckpointError(f"{files.shown(name)}: not a model file (not a regular file)")
+        return checkpoints.CheckpointError(f"{files.shown(name)}: not a model file (not a regular file)")
     closest = difflib.get_close_matches(name, mae.PRESETS, n=1)
     hint = f"; did you mean {closest[0]}?" if closest else ""
     message = (f"{files.shown(name)!r} is neither a model file nor a preset{hint} "
@@ -386,14 +387,6 @@ def embed_files(paths: Iterable[str], model: Embedder, bad: dict[str, str],
         yield usable[index], embedding
 
 
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    return device
-
-
 def write_bad_files(path: Path, bad: dict[str, str]) -> None:
     """path<TAB>reason lines, sorted; csv quoting keeps names with tabs or newlines intact and
     file names are written as their own bytes (data.read_bad_files reads the same format)."""
@@ -421,7 +414,7 @@ def load_model_or_fail(model_path: str, **options) -> Embedder:
     (random weights) is said so on stderr, since it is easily mistaken for a trained model."""
     try:
         model = load_model(model_path, **options)
-    except (ValueError, OSError) as error:  # mae.CheckpointError is a ValueError
+    except (ValueError, OSError) as error:  # checkpoints.CheckpointError is a ValueError
         raise click.ClickException(str(error)) from None
     if model_path in mae.PRESETS:
         click.echo(f"{model_path} is a preset: random initialisation (seed {options['seed']}), "
@@ -467,7 +460,7 @@ def embed_into(out: Path, model: Embedder, paths: list[str], bad: dict[str, str]
 @click.option("--timestamps", is_flag=True, help="Also write per-file timestamp embeddings.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="2-s chunks per forward pass.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=mae.DeviceChoice(), default="auto", show_default=True)
 @click.option("--layout", type=click.Choice(LAYOUTS), default="time", show_default=True,
               help="'official' reproduces the AudioMAE++ release's scrambled layout.")
 @click.option("--seed", default=0, show_default=True, help="Seed of a preset's random initialisation.")
@@ -481,7 +474,7 @@ def main(model_path, audio_dirs, out, timestamps, batch_size, device, layout, se
     """
     out = Path(out)
     model = load_model_or_fail(model_path, layout=layout, seed=seed, batch_size=batch_size)
-    model = model.to(pick_device(device))
+    model = model.to(device)
     bad: dict[str, str] = {}
     paths = find_audio_or_fail(audio_dirs, bad)
     try:

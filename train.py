@@ -24,17 +24,16 @@ Outputs in --out:
     checkpoint.pt        latest state (model config and weights, optimizer, schedule, step,
                          RNG states, data position), replaced atomically every --save-every steps,
                          on SIGINT/SIGTERM and at the end; read it with
-                         torch.load(weights_only=True) or mae.load_pretrained
+                         torch.load(weights_only=True) or checkpoints.load_pretrained
     recon_step*.png      input log-mel, masked input and reconstruction at every checkpoint
     metrics.jsonl        one JSON object per logged step: step, epoch, loss, lr, samples/s, time
-    model.safetensors    the final weights and config (mae.load_pretrained; embed.py takes it)
+    model.safetensors    the final weights and config (checkpoints.load_pretrained; embed.py takes it)
 --out is locked for the run (a second process on it fails at once) and must be new or empty,
 hold this command's run (--resume; changed settings are refused) or be --overwrite'n.
 SIGINT/SIGTERM to the whole job (DataLoader workers leave them to the main process; under
 torchrun all ranks stop at the same step): checkpoint, then exit 130/143.
 """
 import contextlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -54,6 +53,7 @@ from matplotlib.figure import Figure
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import data
 import files
 import mae
@@ -85,32 +85,22 @@ def model_overrides(items: tuple[str, ...]) -> dict:
         raise click.BadParameter(str(error)) from error
 
 
-def setup_device(kind: str) -> tuple[torch.device, int, int]:
-    """The device of this process, and (rank, world size) when started by torchrun."""
+def setup_device(device: torch.device) -> tuple[torch.device, int, int]:
+    """This process's device and (rank, world size); started by torchrun, it joins the process
+    group and takes CUDA device LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "xla" if has_torch_xla() else "cpu"
-    if kind == "xla":
-        import torch_xla
-        device = torch_xla.device()
-    elif kind == "cuda":
-        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if world > 1 or device.index is None else device.index)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
     if world > 1:
-        if kind == "xla":
+        if device.type == "xla":
             import torch_xla.distributed.xla_backend  # noqa: F401 - registers the "xla" backend
             dist.init_process_group("xla", init_method="xla://")
         else:
-            dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, rank, world
-
-
-def has_torch_xla() -> bool:
-    return importlib.util.find_spec("torch_xla") is not None
 
 
 def open_store(paths: tuple[str, ...], cache_dir: Path, workers: int) -> data.FeatureStore:
@@ -233,8 +223,8 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> files.OutputFolder
 def read_run_checkpoint(path: Path) -> dict:
     """The training checkpoint to resume from; a file that is not one is a one-line error."""
     try:
-        checkpoint = mae.read_checkpoint(path)
-    except mae.CheckpointError as error:
+        checkpoint = checkpoints.read_checkpoint(path)
+    except checkpoints.CheckpointError as error:
         raise click.ClickException(f"cannot resume: {error}") from None
     missing = [key for key in RUN_STATE if key not in checkpoint]
     if missing:
@@ -412,8 +402,7 @@ def mean_over_processes(value: torch.Tensor) -> float:
 @click.option("--warmup", "warmup_epochs", type=click.FloatRange(0),
               help="Warm-up length in epochs. [default: 10, DEMO: 10% of the steps]")
 @click.option("--warmup-steps", type=click.IntRange(0), help="Warm-up length in steps (instead of --warmup).")
-@click.option("--device", "device_kind", default="auto",
-              type=click.Choice(["auto", "cpu", "cuda", "xla"]),
+@click.option("--device", default="auto", type=mae.DeviceChoice(),
               help="auto: cuda if available, else xla if torch_xla is installed, else cpu.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp64"]),
               help="auto: bf16 autocast on cuda and xla, fp32 on cpu. fp64: weights and "
@@ -428,7 +417,7 @@ def mean_over_processes(value: torch.Tensor) -> float:
 @click.option("--overwrite", is_flag=True,
               help="Start a new run in a non-empty --out, deleting its outputs of an earlier run.")
 def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, batch_size,
-         accum_steps, blr, betas, weight_decay, warmup_epochs, warmup_steps, device_kind,
+         accum_steps, blr, betas, weight_decay, warmup_epochs, warmup_steps, device,
          precision, workers, seed, log_every, save_every, cache_dir, resume, overwrite):
     """Pretrain on the audio under DATA: folders (prepared once into a feature store under
     --cache-dir) or a store from `python data.py prepare`. Without DATA: the built-in DEMO
@@ -438,7 +427,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
     process). Outputs in --out: checkpoint.pt, metrics.jsonl, recon_step*.png and, at the
     end, model.safetensors. Interrupt with Ctrl-C or SIGTERM: a checkpoint is written and
     the same command with --resume continues exactly."""
-    options = dict(locals())
+    options = dict(locals(), device=str(device))  # plain data in the checkpoint
     demo = not data_paths
     defaults = DEMO if demo else DEFAULTS
     overrides = model_overrides(overrides or defaults["overrides"])
@@ -453,7 +442,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
     except (TypeError, ValueError) as error:
         raise click.BadParameter(str(error), param_hint="--set") from None
 
-    device, rank, world = setup_device(device_kind)
+    device, rank, world = setup_device(device)
     master = rank == 0
     logging.basicConfig(level=logging.INFO if master else logging.ERROR, format="%(message)s")
     echo = click.echo if master else (lambda *args, **kwargs: None)
@@ -621,9 +610,9 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
         progress.close()
 
         if master and step == total_steps:
-            mae.save_pretrained(model, out / FINAL)
+            checkpoints.save_pretrained(model, out / FINAL)
             echo(f"done: {step} steps. Final weights {out / FINAL} "
-                 f"(mae.load_pretrained, embed.py), checkpoint {checkpoint_path}, metrics "
+                 f"(checkpoints.load_pretrained, embed.py), checkpoint {checkpoint_path}, metrics "
                  f"{out / METRICS}, reconstructions {out}/recon_step*.png")
         elif master:
             echo(f"stopped at step {step} of {total_steps} (--stop-at); checkpoint "

@@ -6,6 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import checkpoints
 import convert
 import mae
 from test_convert_readers import fake_ml_collections, official_layout_checkpoint  # noqa: F401 (fixture)
@@ -23,9 +24,9 @@ def mwmae_checkpoint(tmp_path):
 
 def test_mwmae_release_converts_to_the_official_numbers(mwmae_checkpoint, tmp_path):
     out = tmp_path / "mwmae.safetensors"
-    result = CliRunner().invoke(convert.cli, [str(mwmae_checkpoint), "--out", str(out)])
+    result = CliRunner().invoke(convert.main, [str(mwmae_checkpoint), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    model = mae.load_pretrained(out).eval()
+    model = checkpoints.load_pretrained(out).eval()
     expected = mae.preset_config("mwmae-tiny", **SMALL, trainable_pos=True)
     assert model.cfg == expected
     io = load("mwmae_jax/mwmae/io.npz")
@@ -38,9 +39,9 @@ def test_audiomaepp_release_converts_to_the_official_numbers(tmp_path, fake_ml_c
     path = tmp_path / "checkpoint-99.pth"
     torch.save(official_layout_checkpoint({**state, **override}, fake_ml_collections), path)
     out = tmp_path / "audiomaepp.safetensors"
-    result = CliRunner().invoke(convert.cli, [str(path), "--out", str(out)])
+    result = CliRunner().invoke(convert.main, [str(path), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    model = mae.load_pretrained(out).eval()
+    model = checkpoints.load_pretrained(out).eval()
     assert model.cfg == mae.preset_config("audiomaepp-tiny", **SMALL, reuse_norm2=True)
     io = load("audiomaepp/io.npz")
     ours = run(model, io["x"][:, 0], io["noise"])
@@ -55,21 +56,21 @@ def test_mae_release_config_is_inferred():
 
 def test_our_checkpoints_pass_through(tmp_path):
     model = mae.build("mwmae-tiny", depth=1, decoder_depth=1, decoder_dim=64).eval()
-    mae.save_pretrained(model, tmp_path / "a.safetensors")
-    result = CliRunner().invoke(convert.cli, [str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "b.safetensors")])
+    checkpoints.save_pretrained(model, tmp_path / "a.safetensors")
+    result = CliRunner().invoke(convert.main, [str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "b.safetensors")])
     assert result.exit_code == 0, result.output
-    again = mae.load_pretrained(tmp_path / "b.safetensors").eval()
+    again = checkpoints.load_pretrained(tmp_path / "b.safetensors").eval()
     x = torch.randn(1, 200, 80)
     assert again.cfg == model.cfg and torch.equal(again.forward_features(x), model.forward_features(x))
 
 
 def test_overrides_and_clear_errors(mwmae_checkpoint, tmp_path):
     out = tmp_path / "m.safetensors"
-    result = CliRunner().invoke(convert.cli, [str(mwmae_checkpoint), "--out", str(out), "--set", "trainable_pos=false"])
-    assert result.exit_code == 0 and not mae.load_pretrained(out).cfg.trainable_pos
-    result = CliRunner().invoke(convert.cli, [str(mwmae_checkpoint), "--out", str(out), "--set", "bogus=1"])
+    result = CliRunner().invoke(convert.main, [str(mwmae_checkpoint), "--out", str(out), "--set", "trainable_pos=false"])
+    assert result.exit_code == 0 and not checkpoints.load_pretrained(out).cfg.trainable_pos
+    result = CliRunner().invoke(convert.main, [str(mwmae_checkpoint), "--out", str(out), "--set", "bogus=1"])
     assert result.exit_code != 0 and "unknown config field" in result.output
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a checkpoint at all")
-    result = CliRunner().invoke(convert.cli, [str(junk), "--out", str(out)])
+    result = CliRunner().invoke(convert.main, [str(junk), "--out", str(out)])
     assert result.exit_code == 1 and "junk.bin" in result.output and "Traceback" not in result.output

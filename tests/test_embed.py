@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import audio
+import checkpoints
 import embed
 import mae
 
@@ -210,7 +211,7 @@ def test_preset_is_seeded_and_checkpoints_load(tmp_path):
     a, b, c = (embed.load_model("mwmae-tiny", seed=s) for s in (0, 0, 1))
     assert torch.equal(a.mae.patch_embed.weight, b.mae.patch_embed.weight)
     assert not torch.equal(a.mae.patch_embed.weight, c.mae.patch_embed.weight)
-    mae.save_pretrained(c.mae, tmp_path / "model.safetensors")
+    checkpoints.save_pretrained(c.mae, tmp_path / "model.safetensors")
     loaded = embed.load_model(str(tmp_path / "model.safetensors"))
     assert torch.equal(loaded.mae.patch_embed.weight, c.mae.patch_embed.weight)
     with pytest.raises(FileNotFoundError):
@@ -230,7 +231,7 @@ def test_cli_end_to_end(tmp_path, model):
     sf.write(folder / "empty.wav", np.zeros(0, np.float32), 16000)
     (folder / "notes.txt").write_text("not audio")
     checkpoint = tmp_path / "model.safetensors"
-    mae.save_pretrained(model.mae, checkpoint)
+    checkpoints.save_pretrained(model.mae, checkpoint)
     out = tmp_path / "out"
     result = CliRunner().invoke(embed.main, [str(checkpoint), str(folder), "--out", str(out),
                                              "--timestamps", "--device", "cpu", "--batch-size", "3"])

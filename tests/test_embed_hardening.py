@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import audio
+import checkpoints
 import embed
 import files
 import mae
@@ -29,7 +30,7 @@ def model() -> embed.Embedder:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, model) -> Path:
     path = tmp_path_factory.mktemp("model") / "small.safetensors"
-    mae.save_pretrained(model.mae, path)
+    checkpoints.save_pretrained(model.mae, path)
     return path
 
 

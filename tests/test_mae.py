@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import convert
 import mae
 
@@ -282,13 +283,13 @@ def test_combinations(overrides):
 
 def test_checkpoint_roundtrip(tmp_path):
     model = mae.build("audiomaepp-tiny", depth=1, decoder_depth=1, trainable_pos=True).eval()
-    mae.save_pretrained(model, tmp_path / "m.safetensors")
-    loaded = mae.load_pretrained(tmp_path / "m.safetensors").eval()
+    checkpoints.save_pretrained(model, tmp_path / "m.safetensors")
+    loaded = checkpoints.load_pretrained(tmp_path / "m.safetensors").eval()
     assert loaded.cfg == model.cfg
     x = torch.randn(1, 200, 80)
     assert torch.equal(model.forward_features(x), loaded.forward_features(x))
     assert not list(tmp_path.glob("*.tmp"))
     torch.save({"config": model.cfg.to_dict(), "model": model.state_dict()}, tmp_path / "ckpt.pt")
-    assert torch.equal(mae.load_pretrained(tmp_path / "ckpt.pt").eval().forward_features(x), model.forward_features(x))
+    assert torch.equal(checkpoints.load_pretrained(tmp_path / "ckpt.pt").eval().forward_features(x), model.forward_features(x))
     with pytest.raises(FileNotFoundError):
-        mae.load_pretrained(tmp_path / "missing.safetensors")
+        checkpoints.load_pretrained(tmp_path / "missing.safetensors")

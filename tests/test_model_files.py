@@ -1,5 +1,5 @@
 """Model files that are corrupt, tampered with or not model files at all: every one is refused
-with one line naming the file (mae.CheckpointError in the library, "Error: ..." from convert.py),
+with one line naming the file (checkpoints.CheckpointError in the library, "Error: ..." from convert.py),
 without tracebacks, without torch's advice to load unsafely, and without allocating what a file
 merely claims. Also: convert.py --set keeps the weights, and model files get the usual mode."""
 import gzip
@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+import checkpoints
 import convert
 import mae
 
@@ -35,12 +36,12 @@ def tiny_model() -> mae.MAE:
 @pytest.fixture
 def model_file(tmp_path) -> Path:
     path = tmp_path / "model.safetensors"
-    mae.save_pretrained(tiny_model(), path)
+    checkpoints.save_pretrained(tiny_model(), path)
     return path
 
 
 def run_convert(*args):
-    return CliRunner().invoke(convert.cli, [str(a) for a in args])
+    return CliRunner().invoke(convert.main, [str(a) for a in args])
 
 
 def assert_one_line_error(result, named: str) -> None:
@@ -64,9 +65,9 @@ def test_convert_set_keeps_the_weights(model_file, tmp_path, override, field, va
     out = tmp_path / "out.safetensors"
     result = run_convert(model_file, "--out", out, "--set", override)
     assert result.exit_code == 0, result.output
-    converted = mae.load_pretrained(out)
+    converted = checkpoints.load_pretrained(out)
     assert getattr(converted.cfg, field) == value
-    assert equal_states(converted, mae.load_pretrained(model_file))
+    assert equal_states(converted, checkpoints.load_pretrained(model_file))
 
 
 @pytest.mark.parametrize("override, reason", [
@@ -177,8 +178,8 @@ BAD_KINDS = [*BYTE_EDITS, *STATE_EDITS, "truncated-checkpoint", "checkpoint-conf
 @pytest.mark.parametrize("kind", BAD_KINDS)
 def test_corrupt_model_files_give_one_line(model_file, tmp_path, kind):
     path = bad_file(kind, model_file, tmp_path)
-    with pytest.raises(mae.CheckpointError) as error:
-        mae.load_pretrained(path)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.load_pretrained(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message and "weights_only" not in message
     assert_one_line_error(run_convert(path, "--out", tmp_path / "out.safetensors"), str(path))
@@ -186,8 +187,8 @@ def test_corrupt_model_files_give_one_line(model_file, tmp_path, kind):
 
 def test_checkpoint_reader_checks_config_against_weights(model_file, tmp_path):
     path = bad_file("checkpoint-config-misfit", model_file, tmp_path)
-    with pytest.raises(mae.CheckpointError, match="decoder_depth=5 but the weights have 1 decoder_blocks"):
-        mae.read_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError, match="decoder_depth=5 but the weights have 1 decoder_blocks"):
+        checkpoints.read_checkpoint(path)
 
 
 def test_convert_cli_errors_are_one_line_in_a_real_process(model_file, tmp_path):
@@ -211,14 +212,14 @@ def test_convert_cli_errors_are_one_line_in_a_real_process(model_file, tmp_path)
 
 PROBE = """
 import resource, sys, time
-import mae
+import checkpoints
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for path in sys.argv[1:]:
     start = time.perf_counter()
     try:
-        mae.load_pretrained(path)
+        checkpoints.load_pretrained(path)
         print("loaded", path)
-    except mae.CheckpointError as error:
+    except checkpoints.CheckpointError as error:
         print("refused", round(time.perf_counter() - start, 2), error)
 grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
 print("grown_mb", grown // 1024)
@@ -273,7 +274,7 @@ def test_legacy_torch_file_is_read_as_torch(tmp_path):
                _use_new_zipfile_serialization=False)
     result = run_convert(path, "--out", tmp_path / "out.safetensors")
     assert result.exit_code == 0, result.output
-    assert equal_states(mae.load_pretrained(tmp_path / "out.safetensors"), model)
+    assert equal_states(checkpoints.load_pretrained(tmp_path / "out.safetensors"), model)
 
 
 def test_msgpack_map_that_is_not_a_model(tmp_path):
@@ -291,21 +292,21 @@ def test_msgpack_map_that_is_not_a_model(tmp_path):
 def test_audio_file_as_model(tmp_path):
     wav = tmp_path / "clip.wav"
     sf.write(wav, np.zeros(16000, np.float32), 16000)
-    with pytest.raises(mae.CheckpointError) as error:
-        mae.load_pretrained(wav)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.load_pretrained(wav)
     assert str(error.value) == f"{wav}: not a model file (neither safetensors nor a torch checkpoint)"
 
 
 def test_refused_pickle_names_the_global_not_torch_advice(model_file, tmp_path):
     path = bad_file("pickled-code", model_file, tmp_path)
-    with pytest.raises(mae.CheckpointError, match=r"references (posix|os)\.system") as error:
-        mae.read_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError, match=r"references (posix|os)\.system") as error:
+        checkpoints.read_checkpoint(path)
     assert "weights_only" not in str(error.value)
 
 
 def test_missing_model_file_is_a_checkpoint_error_and_file_not_found(tmp_path):
-    with pytest.raises(mae.CheckpointError) as error:
-        mae.load_pretrained(tmp_path / "nothing.safetensors")
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.load_pretrained(tmp_path / "nothing.safetensors")
     assert isinstance(error.value, FileNotFoundError)
 
 
@@ -315,7 +316,7 @@ def test_missing_model_file_is_a_checkpoint_error_and_file_not_found(tmp_path):
 def test_model_file_has_the_usual_mode(tmp_path, umask):
     old = os.umask(umask)
     try:
-        mae.save_pretrained(tiny_model(), tmp_path / "m.safetensors")
+        checkpoints.save_pretrained(tiny_model(), tmp_path / "m.safetensors")
     finally:
         os.umask(old)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

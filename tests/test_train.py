@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import data
 import mae
 import train
@@ -50,7 +51,7 @@ def losses(out: Path) -> list[float]:
 
 
 def max_difference(a: Path, b: Path) -> float:
-    wa, wb = mae.load_pretrained(a).state_dict(), mae.load_pretrained(b).state_dict()
+    wa, wb = checkpoints.load_pretrained(a).state_dict(), checkpoints.load_pretrained(b).state_dict()
     assert wa.keys() == wb.keys()
     return max((wa[key] - wb[key]).abs().max().item() for key in wa)
 
@@ -102,8 +103,8 @@ def test_resume_continues_exactly(store, tmp_path):
         run(*common, "--out", tmp_path / "split")  # would overwrite the run
     run(*common, "--out", tmp_path / "split", "--resume")
 
-    straight = mae.load_pretrained(tmp_path / "straight/model.safetensors").state_dict()
-    split = mae.load_pretrained(tmp_path / "split/model.safetensors").state_dict()
+    straight = checkpoints.load_pretrained(tmp_path / "straight/model.safetensors").state_dict()
+    split = checkpoints.load_pretrained(tmp_path / "split/model.safetensors").state_dict()
     assert all(torch.equal(straight[key], split[key]) for key in straight)
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     a, b = (torch.load(tmp_path / f"{name}/checkpoint.pt", weights_only=True)["optimizer"]
@@ -131,7 +132,7 @@ def test_two_processes_equal_one_at_the_same_global_batch(store, tmp_path):
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-6)
     torch.manual_seed(0)  # the runs' initial weights: the comparison above is not trivial
     start = mae.build("mwmae-tiny", depth=1, decoder_depth=1, decoder_dim=64).state_dict()
-    trained = mae.load_pretrained(single).state_dict()
+    trained = checkpoints.load_pretrained(single).state_dict()
     assert max((trained[key] - start[key]).abs().max().item() for key in start) > 1e-3
     for name in ("ddp", "single", "accum"):
         checkpoint = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
@@ -190,8 +191,8 @@ def test_demo_run_without_data_writes_every_output(tmp_path, capsys, monkeypatch
         "--out", out)
     assert "DEMO" in capsys.readouterr().out
     assert len(data.FeatureStore(cache / "demo_store")) == 8
-    final = mae.load_pretrained(out / "model.safetensors")
-    from_checkpoint = mae.load_pretrained(out / "checkpoint.pt")
+    final = checkpoints.load_pretrained(out / "model.safetensors")
+    from_checkpoint = checkpoints.load_pretrained(out / "checkpoint.pt")
     assert final.cfg == from_checkpoint.cfg and final.cfg.depth == 1
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(),
                                                  from_checkpoint.state_dict().values()))
