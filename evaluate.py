@@ -1067,7 +1067,7 @@ def load_model(model_path: str, layout: str, seed: int, batch_size: int, device:
                    "not pretrained weights", err=True)
     try:
         model = embed.load_model(model_path, layout=layout, seed=seed, batch_size=batch_size)
-    except (ValueError, OSError) as error:  # mae.CheckpointError is a ValueError
+    except (ValueError, OSError) as error:  # checkpoints.CheckpointError is a ValueError
         raise click.ClickException(str(error)) from error
     return model.to(device)
 
@@ -1116,7 +1116,7 @@ def embed_tasks(tasks: list[Task], model: embed.Embedder, identity: dict, out: P
 @click.option("--overwrite", is_flag=True,
               help="Replace evaluate's outputs in an --out that holds other work.")
 @click.option("--seeds", type=click.IntRange(min=1), default=10, show_default=True, help="Probe seeds 0..N-1.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=mae.DeviceChoice(), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="2-s chunks per encoder forward pass.")
 @click.option("--layout", type=click.Choice(embed.LAYOUTS), default="time", show_default=True)
@@ -1136,7 +1136,7 @@ def run(model_path, task_dirs, out, overwrite, seeds, device, batch_size, layout
         torch.set_num_threads(threads)
     tasks = load_tasks(task_dirs)
     out = Path(out or Path("results") / Path(model_path).stem)
-    device = embed.pick_device(device)
+    device = str(device)  # probe processes compare it with "cpu"
     model = load_model(model_path, layout, model_seed, batch_size, device)
     identity = model_identity(model)
     try:

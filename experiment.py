@@ -41,6 +41,7 @@ import torch
 from matplotlib.figure import Figure
 
 import audio
+import checkpoints
 import data
 import mae
 
@@ -237,7 +238,7 @@ def subset_task(task: Path, out: Path, max_per_split: int) -> Path:
 MODELS = ("mae-tiny", "mwmae-tiny", "audiomaepp-tiny")
 
 
-def parse_overrides(items: tuple[str, ...]) -> dict:
+def checked_overrides(items: tuple[str, ...]) -> dict:
     """--set FIELD=VALUE items (the syntax of train.py --set), checked on a preset."""
     try:
         overrides = mae.parse_overrides(items)
@@ -294,7 +295,7 @@ def random_init(model: str, out: Path, s: Settings) -> Path:
     path = out / "model.safetensors"
     if not path.exists():
         torch.manual_seed(s.seed)
-        mae.save_pretrained(mae.build(model, **s.overrides), path)
+        checkpoints.save_pretrained(mae.build(model, **s.overrides), path)
     return path
 
 
@@ -432,7 +433,7 @@ def run_command(pool_store, task_root, out, work, steps, batch_size, blr, warmup
                 fraction, override_items, max_clips_per_split, probe_epochs, with_random, threads):
     """Pretrain MAE, MW-MAE and AudioMAE++ alike, probe them on every task, write the table."""
     start = time.perf_counter()
-    s = Settings(steps, batch_size, seed, parse_overrides(override_items), blr,
+    s = Settings(steps, batch_size, seed, checked_overrides(override_items), blr,
                  warmup_steps if warmup_steps is not None else steps // 10, seeds, probe_epochs, threads)
     tag = "full" if fraction >= 1.0 else f"frac{fraction:g}"
     work.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
+import checkpoints
 import embed
 import evaluate
 import mae
@@ -168,7 +169,7 @@ def test_cli_run_cache_and_score(tmp_path, model, monkeypatch):
              write_task(tmp_path / "tones_b", "trainvaltest", seed=2, per_split=2, rate=22050)]
     (tasks[0] / "16000" / "fold01" / "low_0.wav").write_bytes(b"broken")
     checkpoint = tmp_path / "model.safetensors"
-    mae.save_pretrained(model.mae, checkpoint)
+    checkpoints.save_pretrained(model.mae, checkpoint)
     runner = CliRunner()
     args = [str(checkpoint), *map(str, tasks), "--seeds", "2", "--max-epochs", "9", "--device", "cpu"]
     first = runner.invoke(evaluate.cli, [*args, "--out", str(tmp_path / "results" / "m1")])  # no `run`
@@ -202,7 +203,7 @@ def test_parallel_probes_equal_sequential(tmp_path, model):
     tasks = [write_task(tmp_path / "tones_a", seed=1, per_split=2),
              write_task(tmp_path / "tones_b", "trainvaltest", seed=2, per_split=2)]
     checkpoint = tmp_path / "model.safetensors"
-    mae.save_pretrained(model.mae, checkpoint)
+    checkpoints.save_pretrained(model.mae, checkpoint)
     runs = {}
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
@@ -349,7 +350,7 @@ def test_event_task_end_to_end(tmp_path, model):
     sed_eval-style scores; the tones are easy, so the onsets are found."""
     root = write_event_task(tmp_path / "bursts")
     checkpoint = tmp_path / "model.safetensors"
-    mae.save_pretrained(model.mae, checkpoint)
+    checkpoints.save_pretrained(model.mae, checkpoint)
     out = tmp_path / "out"
     result = CliRunner().invoke(evaluate.cli, [str(checkpoint), str(root), "--seeds", "2", "--max-epochs", "60",
                                                "--device", "cpu", "--out", str(out)])
@@ -399,7 +400,7 @@ def test_cli_split_without_readable_audio(tmp_path, model):
     for path in (root / "16000" / "test").iterdir():
         path.write_bytes(b"not audio")
     checkpoint = tmp_path / "model.safetensors"
-    mae.save_pretrained(model.mae, checkpoint)
+    checkpoints.save_pretrained(model.mae, checkpoint)
     result = CliRunner().invoke(evaluate.cli, [str(checkpoint), str(root), "--seeds", "1", "--max-epochs", "3",
                                                "--device", "cpu", "--jobs", "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "no examples in split(s) ['test']" in result.output

@@ -90,4 +90,4 @@ def test_run_writes_the_table_and_the_loss_curves(tmp_path):
 
 def test_bad_override_is_refused():
     with pytest.raises(Exception):
-        experiment.parse_overrides(("no_such_field=3",))
+        experiment.checked_overrides(("no_such_field=3",))

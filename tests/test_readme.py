@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import checkpoints
 import mae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def outside(tmp_path) -> Path:
     sf.write(tmp_path / "clip.flac", clip.astype(np.float32), 16000)
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     demo = mae.build("mwmae-tiny", depth=2, decoder_depth=1, decoder_dim=128)
-    mae.save_pretrained(demo, tmp_path / "runs" / "demo" / "model.safetensors")
+    checkpoints.save_pretrained(demo, tmp_path / "runs" / "demo" / "model.safetensors")
     assert ROOT not in tmp_path.parents
     return tmp_path
 

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 import torch_xla  # noqa: E402
 import torch_xla.debug.metrics as metrics  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
-import mae  # noqa: E402
 import train  # noqa: E402
 
 TINY = ["--set", "depth=1", "--set", "decoder_depth=1", "--set", "decoder_dim=64",
@@ -42,7 +42,7 @@ def compiles() -> int:
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
-    wa, wb = mae.load_pretrained(a).state_dict(), mae.load_pretrained(b).state_dict()
+    wa, wb = checkpoints.load_pretrained(a).state_dict(), checkpoints.load_pretrained(b).state_dict()
     return max((wa[key] - wb[key]).abs().max().item() for key in wa)
 
 
