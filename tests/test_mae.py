@@ -6,12 +6,14 @@ official outputs are float32; an independent float64 re-implementation lands wit
 (5.7e-4) and mis-mapped biases, LayerNorms or bias tables (> 0.2), as the sensitivity tests show.
 """
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import checkpoints
 import convert
@@ -293,3 +295,27 @@ def test_checkpoint_roundtrip(tmp_path):
     assert torch.equal(checkpoints.load_pretrained(tmp_path / "ckpt.pt").eval().forward_features(x), model.forward_features(x))
     with pytest.raises(FileNotFoundError):
         checkpoints.load_pretrained(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------- --device
+
+def test_device_names(monkeypatch):
+    assert mae.device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mae, "has_torch_xla", lambda: False)
+    assert mae.device("auto") == torch.device("cpu")
+    for name, problem in [("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
+                          ("xla", "torch_xla, which is not installed"), ("gpu", "unknown device 'gpu'")]:
+        with pytest.raises(ValueError, match=problem):
+            mae.device(name)
+
+
+@pytest.mark.parametrize("module", ["train", "embed", "bench"])
+def test_every_command_refuses_an_unavailable_device_in_one_line(module, monkeypatch):
+    """The same --device option in every command, resolved before any work is done."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    command = importlib.import_module(module).main
+    args = {"embed": ["mwmae-tiny", ".", "--out", "unused"]}.get(module, [])
+    result = CliRunner().invoke(command, [*args, "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == "Error: Invalid value for '--device': CUDA is not available on this machine"

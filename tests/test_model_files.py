@@ -5,6 +5,7 @@ merely claims. Also: convert.py --set keeps the weights, and model files get the
 import gzip
 import json
 import os
+import re
 import resource
 import struct
 import subprocess
@@ -320,3 +321,25 @@ def test_model_file_has_the_usual_mode(tmp_path, umask):
     finally:
         os.umask(old)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------- 7. the module and its command
+
+def test_the_model_module_does_not_import_checkpoints():
+    """Imports flow one way: checkpoints.py builds on mae.py, never the reverse."""
+    code = "import sys, mae; assert 'checkpoints' not in sys.modules and not hasattr(mae, 'load_pretrained')"
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+def test_checkpoints_command_describes_a_model_file(model_file, tmp_path):
+    result = CliRunner().invoke(checkpoints.main, [str(model_file)])
+    assert result.exit_code == 0, result.output
+    assert f"safetensors model file, {sum(p.numel() for p in tiny_model().parameters()):,} parameters" in result.output
+    assert re.search(r"^  depth +1$", result.output, re.MULTILINE)
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, np.zeros(1600, np.float32), 16000)
+    result = CliRunner().invoke(checkpoints.main, [str(wav)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith(f"Error: {wav}: not a model file"), result.output
