@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
+import checkpoints
 import embed
 import evaluate
 import files
@@ -21,7 +22,7 @@ from test_evaluate import SMALL, write_task
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    mae.save_pretrained(mae.build("mwmae-tiny", **SMALL), path)
+    checkpoints.save_pretrained(mae.build("mwmae-tiny", **SMALL), path)
     return path
 
 
@@ -33,7 +34,7 @@ def tones(tmp_path):
 
 def run(*args):
     """evaluate.py run ... in this process, with fast settings that `args` may override."""
-    fast = ["--device", "cpu", "--jobs", "1"]
+    fast = ["--device", "cpu", "--jobs", "1", "--seeds", "1", "--max-epochs", "3"]
     return CliRunner().invoke(evaluate.cli, ["run", *fast, *map(str, args)])
 
 
@@ -243,7 +244,7 @@ def test_cache_follows_the_model_weights(tmp_path, checkpoint, tones):
     first, description = embed_cached(tones, model, cache), model.describe()
     stat = path.stat()
     torch.manual_seed(1)
-    mae.save_pretrained(mae.build("mwmae-tiny", **SMALL), path)
+    checkpoints.save_pretrained(mae.build("mwmae-tiny", **SMALL), path)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size
     model = embed.load_model(str(path))
@@ -262,7 +263,7 @@ def test_out_of_another_model_or_other_files_is_refused(tmp_path, checkpoint, to
     results = (out / "results.json").read_text()
     other = tmp_path / "other.safetensors"
     torch.manual_seed(1)
-    mae.save_pretrained(mae.build("mwmae-tiny", **SMALL), other)
+    checkpoints.save_pretrained(mae.build("mwmae-tiny", **SMALL), other)
     assert_one_line_error(run(other, *args), "is not empty")
     assert (out / "results.json").read_text() == results
 
