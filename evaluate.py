@@ -142,7 +142,7 @@ class Task:
 
     def label_index(self, label, where: str) -> int:
         if str(label) not in self.label_ids:
-            raise ValueError(f"{where}: label {label!r} is not in {files.shown(self.root / 'labelvocabulary.csv')}")
+            raise ValueError(f"{where}: label {label!r} is not in labelvocabulary.csv")
         return self.label_ids[str(label)]
 
     def targets(self, items: list[tuple[str, str]]) -> np.ndarray:
