@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -115,6 +116,7 @@ class OutputFolder:
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"{shown(self.folder)} exists and is not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
+        lock_existed = (self.folder / LOCK_NAME).exists()
         self._lock = open(self.folder / LOCK_NAME, "a")
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -125,6 +127,8 @@ class OutputFolder:
         contents = sorted(p.name for p in self.folder.iterdir() if p.name != LOCK_NAME)
         if contents and not resumable:
             if not overwrite:
+                if not lock_existed:  # leave the refused folder as it was
+                    (self.folder / LOCK_NAME).unlink()
                 self.release()
                 listed = ", ".join(shown(name) for name in contents[:5]) + (", ..." if len(contents) > 5 else "")
                 raise OutputError(f"{shown(self.folder)} is not empty ({listed}): choose a new --out, "
@@ -135,9 +139,7 @@ class OutputFolder:
     def remove(self, name: str) -> None:
         target = self.folder / name
         if target.is_dir() and not target.is_symlink():
-            for child in sorted(target.rglob("*"), reverse=True):
-                child.rmdir() if child.is_dir() and not child.is_symlink() else child.unlink()
-            target.rmdir()
+            shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
 
