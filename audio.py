@@ -17,6 +17,9 @@ embeddings alike):
 
 Public API
 ----------
+    find_files(inputs, exclude=None, skipped=None) -> list[str]
+        The regular files under folders/files, sorted, under the names the user has; the
+        rest (FIFOs, devices, broken links, link loops) is reported, never opened.
     SAMPLE_RATE, N_FFT, HOP, N_MELS, F_MIN, F_MAX, LOG_EPS, NORM_EPS
         The settings above (feature stores record them in store.json).
     load_audio(path, sample_rate=16000) -> np.ndarray
@@ -38,10 +41,12 @@ of its log-mel. This module imports no model code.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import stat
 from pathlib import Path
+from typing import Iterable
 
 import click
 import numpy as np
@@ -51,6 +56,8 @@ import torch
 from torch import nn
 
 import files
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms window
@@ -249,6 +256,85 @@ def check_finite(log_mel: torch.Tensor | np.ndarray, path: str | Path) -> None:
     finite = torch.isfinite if torch.is_tensor(log_mel) else np.isfinite
     if not finite(log_mel).all():
         raise AudioError(path, "log-mel not finite (samples far beyond full scale)")
+
+
+# ---------------------------------------------------------------------------
+# Finding audio files in folders
+# ---------------------------------------------------------------------------
+
+
+def find_files(
+    inputs: Iterable[str | Path],
+    exclude: str | Path | None = None,
+    skipped: dict[str, str] | None = None,
+) -> list[str]:
+    """Every regular file under the given folders (and the given files), sorted.
+
+    Paths are absolute but not resolved, so each file keeps the name the user has: a
+    symbolic link is followed (to a file or a folder) and listed under its own name. The
+    same file reached twice (through a link, or overlapping inputs) is listed once, under
+    the first name met (inputs in order, each folder's names sorted); a folder is walked
+    once, so links that point back up the tree do not loop.
+    Nothing is filtered by extension: whatever libsndfile cannot read is the caller's bad file.
+    Files directly in `exclude` (the store's own files) are left out; its subfolders are not.
+
+    Anything else (FIFO, socket, device, broken link, link loop, unreadable folder) is only
+    stat'ed, never opened (a FIFO would block), and is not listed: it goes into `skipped` as
+    {path: reason} when a dict is given, and is logged as a warning otherwise.
+    """
+    excluded = stat_problem(exclude)[0] if exclude is not None else None
+    excluded_id = (excluded.st_dev, excluded.st_ino) if excluded else None
+    found: dict[tuple[int, int], str] = {}  # (device, inode) of a file -> its first name
+    problems: dict[str, str] = {}
+    walked: set[tuple[int, int]] = set()  # folders already walked
+    for item in inputs:
+        pending = [(absolute(item), False)]  # (path, directly in the excluded folder)
+        while pending:
+            path, in_excluded = pending.pop()
+            status, problem = stat_problem(path)
+            file_id = (status.st_dev, status.st_ino) if status else None
+            if status is not None and stat.S_ISDIR(status.st_mode):
+                if file_id not in walked:
+                    walked.add(file_id)
+                    children = list_folder(path, problems)
+                    pending.extend((child, file_id == excluded_id) for child in reversed(children))
+            elif in_excluded:
+                continue
+            elif problem:
+                problems[str(path)] = problem
+            else:
+                found.setdefault(file_id, str(path))
+    report_skipped(problems, skipped)
+    return sorted(found.values())
+
+
+def absolute(path: str | Path) -> Path:
+    """`path` made absolute without following links: "." and ".." are folded away unless
+    that would change where it leads (a ".." after a link to a folder)."""
+    unfolded = Path(path).absolute()
+    folded = Path(os.path.abspath(path))
+    if folded == unfolded or os.path.realpath(folded) == os.path.realpath(unfolded):
+        return folded
+    return unfolded
+
+
+def list_folder(folder: Path, problems: dict[str, str]) -> list[Path]:
+    """The entries of `folder` in sorted order; an unreadable folder is noted in `problems`."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as error:
+        problems[str(folder)] = f"unreadable folder ({error.strerror})"
+        return []
+    return [folder / name for name in names]
+
+
+def report_skipped(problems: dict[str, str], skipped: dict[str, str] | None) -> None:
+    """Hand the entries find_files left out to the caller's dict, or log them."""
+    if skipped is not None:
+        skipped.update(problems)
+        return
+    for path, reason in sorted(problems.items()):
+        logger.warning("skipped %s: %s", files.shown(path), reason)
 
 
 # ---------------------------------------------------------------------------

@@ -1,14 +1,11 @@
-"""Pretraining data: walking audio folders, the log-mel feature store, random crops, the demo set.
+"""Pretraining data: the log-mel feature store, random crops, the demo set.
 
-The frontend itself (reading audio, log-mel, normalisation) is audio.py; this module computes
-it once per file into a store and serves normalised crops of it to the training loop.
+The frontend itself (finding and reading audio files, log-mel, normalisation) is audio.py;
+this module computes it once per file into a store and serves normalised crops of it to the
+training loop.
 
 Public API
 ----------
-Folders
-    find_files(inputs, exclude=None, skipped=None) -> list[str]
-        The regular files under folders/files, sorted, under the names the user has; the
-        rest (FIFOs, devices, broken links, link loops) is reported, never opened.
 Feature store (log-mel computed once, read many times during pretraining)
     prepare(inputs, out, workers=1, shard_bytes=256 MiB, progress=True) -> PrepareSummary
         Walk audio folders, write/extend the store `out` (resumable); ValueError when they
@@ -75,7 +72,6 @@ import math
 import multiprocessing
 import os
 import signal
-import stat
 import threading
 import time
 from collections import OrderedDict
@@ -287,80 +283,6 @@ def check_or_write_format(root: Path) -> None:
                          f"{json.dumps(settings)}")
 
 
-def find_files(
-    inputs: Iterable[str | Path],
-    exclude: str | Path | None = None,
-    skipped: dict[str, str] | None = None,
-) -> list[str]:
-    """Every regular file under the given folders (and the given files), sorted.
-
-    Paths are absolute but not resolved, so each file keeps the name the user has: a
-    symbolic link is followed (to a file or a folder) and listed under its own name. The
-    same file reached twice (through a link, or overlapping inputs) is listed once, under
-    the first name met (inputs in order, each folder's names sorted); a folder is walked
-    once, so links that point back up the tree do not loop.
-    Nothing is filtered by extension: whatever libsndfile cannot read is the caller's bad file.
-    Files directly in `exclude` (the store's own files) are left out; its subfolders are not.
-
-    Anything else (FIFO, socket, device, broken link, link loop, unreadable folder) is only
-    stat'ed, never opened (a FIFO would block), and is not listed: it goes into `skipped` as
-    {path: reason} when a dict is given, and is logged as a warning otherwise.
-    """
-    excluded = audio.stat_problem(exclude)[0] if exclude is not None else None
-    excluded_id = (excluded.st_dev, excluded.st_ino) if excluded else None
-    found: dict[tuple[int, int], str] = {}  # (device, inode) of a file -> its first name
-    problems: dict[str, str] = {}
-    walked: set[tuple[int, int]] = set()  # folders already walked
-    for item in inputs:
-        pending = [(absolute(item), False)]  # (path, directly in the excluded folder)
-        while pending:
-            path, in_excluded = pending.pop()
-            status, problem = audio.stat_problem(path)
-            file_id = (status.st_dev, status.st_ino) if status else None
-            if status is not None and stat.S_ISDIR(status.st_mode):
-                if file_id not in walked:
-                    walked.add(file_id)
-                    children = list_folder(path, problems)
-                    pending.extend((child, file_id == excluded_id) for child in reversed(children))
-            elif in_excluded:
-                continue
-            elif problem:
-                problems[str(path)] = problem
-            else:
-                found.setdefault(file_id, str(path))
-    report_skipped(problems, skipped)
-    return sorted(found.values())
-
-
-def absolute(path: str | Path) -> Path:
-    """`path` made absolute without following links: "." and ".." are folded away unless
-    that would change where it leads (a ".." after a link to a folder)."""
-    unfolded = Path(path).absolute()
-    folded = Path(os.path.abspath(path))
-    if folded == unfolded or os.path.realpath(folded) == os.path.realpath(unfolded):
-        return folded
-    return unfolded
-
-
-def list_folder(folder: Path, problems: dict[str, str]) -> list[Path]:
-    """The entries of `folder` in sorted order; an unreadable folder is noted in `problems`."""
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError as error:
-        problems[str(folder)] = f"unreadable folder ({error.strerror})"
-        return []
-    return [folder / name for name in names]
-
-
-def report_skipped(problems: dict[str, str], skipped: dict[str, str] | None) -> None:
-    """Hand the entries find_files left out to the caller's dict, or log them."""
-    if skipped is not None:
-        skipped.update(problems)
-        return
-    for path, reason in sorted(problems.items()):
-        logger.warning("skipped %s: %s", files.shown(path), reason)
-
-
 @dataclass
 class PrepareSummary:
     """What one `prepare` run did; str() gives the one-line summary."""
@@ -433,7 +355,7 @@ def prepare(
     """
     out, inputs = Path(out), list(inputs)
     skipped: dict[str, str] = {}
-    paths = find_files(inputs, exclude=out, skipped=skipped)
+    paths = audio.find_files(inputs, exclude=out, skipped=skipped)
     if not paths and not skipped:
         raise ValueError(f"no audio files found under {described(inputs)}")
     with StoreWriter(out, shard_bytes) as writer:
@@ -655,7 +577,7 @@ def open_or_prepare_store(
     paths = [Path(path) for path in paths]
     if len(paths) == 1 and FeatureStore.is_store(paths[0]):
         return FeatureStore(paths[0])
-    folders_key = hashlib.sha1("\n".join(sorted(str(absolute(p)) for p in paths))
+    folders_key = hashlib.sha1("\n".join(sorted(str(audio.absolute(p)) for p in paths))
                                .encode(errors="surrogateescape")).hexdigest()[:8]
     content_key = content_identity(paths, ignore=cache_dir)[:12]
     out = Path(cache_dir) / f"store_{folders_key}_{content_key}"
@@ -675,9 +597,9 @@ def content_identity(inputs: Iterable[str | Path], ignore: str | Path | None = N
     Paths under the folder `ignore` (the store cache, should it lie inside the audio
     folders) are left out, or each new store would change the key of the next run."""
     skipped: dict[str, str] = {}
-    found = find_files(inputs, skipped=skipped)
+    found = audio.find_files(inputs, skipped=skipped)
     if ignore is not None:
-        prefix = str(absolute(ignore)) + os.sep
+        prefix = str(audio.absolute(ignore)) + os.sep
         found = [path for path in found if not path.startswith(prefix)]
         skipped = {path: why for path, why in skipped.items() if not path.startswith(prefix)}
     rows = []

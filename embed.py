@@ -70,7 +70,6 @@ from tqdm import tqdm
 
 import audio
 import checkpoints
-import data
 import files
 import mae
 
@@ -425,7 +424,7 @@ def load_model_or_fail(model_path: str, **options) -> Embedder:
 def find_audio_or_fail(audio_dirs: tuple[str, ...], bad: dict[str, str]) -> list[str]:
     """The regular files under AUDIO_DIR... (anything else goes into `bad`); none is an error."""
     try:
-        paths = data.find_files(audio_dirs, skipped=bad)
+        paths = audio.find_files(audio_dirs, skipped=bad)
     except OSError as error:
         raise click.ClickException(f"cannot list the audio: {error}") from None
     if not paths and not bad:

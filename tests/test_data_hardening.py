@@ -71,7 +71,7 @@ def test_find_files_skips_special_files_under_the_users_names(tmp_path):
     expected["sock.wav"] = "not a regular file (socket)"
     skipped = {}
     with deadline(20), server:
-        found = data.find_files([folder], skipped=skipped)
+        found = audio.find_files([folder], skipped=skipped)
     assert found == [str(folder / "good.wav"), str(folder / "linked.wav")]  # the link's own name
     assert skipped == {str(folder / name): reason for name, reason in expected.items()}
 
@@ -80,7 +80,7 @@ def test_find_files_logs_skipped_entries_without_a_dict(tmp_path, caplog):
     folder = tmp_path / "audio"
     special_folder(folder)
     with deadline(20):
-        found = data.find_files([folder])
+        found = audio.find_files([folder])
     assert len(found) == 2
     assert str(folder / "pipe.wav") in caplog.text and "broken symbolic link" in caplog.text
 
@@ -92,10 +92,10 @@ def test_find_files_lists_a_file_once_under_the_name_the_user_has(tmp_path):
     os.symlink(folder, folder / "sub" / "up")  # a folder link back up the tree
     os.symlink(folder / "sub" / "a.wav", folder / "sub" / "b.wav")  # a second name of a.wav
     with deadline(20):
-        found = data.find_files([folder, folder / "sub", folder / "sub" / "a.wav"])
+        found = audio.find_files([folder, folder / "sub", folder / "sub" / "a.wav"])
     assert found == [str(folder / "sub" / "a.wav")]
     relative = os.path.relpath(folder, Path.cwd())
-    assert data.find_files([relative]) == [str(folder / "sub" / "a.wav")]  # absolute, not resolved
+    assert audio.find_files([relative]) == [str(folder / "sub" / "a.wav")]  # absolute, not resolved
 
 
 def test_find_files_reports_an_unreadable_folder(tmp_path, monkeypatch):
@@ -111,7 +111,7 @@ def test_find_files_reports_an_unreadable_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "listdir", refuse_locked)
     skipped = {}
-    assert data.find_files([folder], skipped=skipped) == [str(folder / "a.wav")]
+    assert audio.find_files([folder], skipped=skipped) == [str(folder / "a.wav")]
     assert skipped == {str(folder / "locked"): "unreadable folder (Permission denied)"}
 
 
