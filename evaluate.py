@@ -17,23 +17,13 @@ other folder. `score` compares results.json files (or the folders holding them) 
 normalised overall score s(m). A model literally named "run" or "score" needs `run`
 spelled out. Bad options, models and task folders end with one line naming what is wrong.
 
-Task folders (hear-preprocess layout)
--------------------------------------
-task_metadata.json (task_name, embedding_type, prediction_type, split_mode, splits,
-evaluation: primary score first), labelvocabulary.csv (idx,label), <split>.json
-({file: [labels]}, or {file: [{"label", "start", "end"} in ms]} for event tasks) and audio in
-<sample rate>/<split>/<file> (16000 preferred; any rate is resampled by audio.load_audio).
-
-Scene tasks: one scene embedding (D,) per file, one probe example per file.
+Task folders are read and checked by hear_tasks.py (hear-preprocess layout), before any
+audio is read. Scene tasks: one scene embedding (D,) per file, one probe example per file.
 Event tasks (multilabel): timestamp embeddings, one probe example per 40-ms frame, labelled
-with every event whose [start, end] holds the frame centre. Frame probabilities become events
-per file as hear-eval-kit does (median filter of 250 ms, threshold 0.5, runs of active frames
-from the first to the last frame's timestamp, runs shorter than 125 or 250 ms dropped: that
-choice is made on validation at every check and the best check's choice is used on test),
-scored with sed_eval's overall metrics (event_onset_200ms_fms, event_onset_50ms_fms,
-event_onset_offset_50ms_20perc_fms: F-measure with optimal one-to-one matching of same-label
-events; segment_1s_er: error rate on 1-s segments), reimplemented here and tested against
-sed_eval 0.2.1.
+with every event whose [start, end] holds the frame centre. The scores come from metrics.py:
+scene scores on the probe's clip outputs; for event tasks, frame probabilities become events
+per file as hear-eval-kit does (its postprocessing is chosen on validation at every check and
+the best check's choice is used on test), scored with sed_eval's overall metrics.
 
 Probe (hear-eval-kit's predictor, with the papers' fixed grid)
 --------------------------------------------------------------
@@ -42,8 +32,9 @@ weights (gain 1, then the ReLU gain for the output layer), PyTorch's default bia
 Adam, lr 1e-4, batches of 1024 (one full batch when the training set is no larger, shuffled
 minibatches otherwise), at most 500 epochs; the primary score is checked on the validation
 set every 3 epochs (and at the end of a run shorter than that, e.g. --max-epochs 1), training
-stops after 20 checks without a strict gain and the weights of the best check are tested. Multiclass: cross-entropy, scores on softmax outputs (top1_acc);
-multilabel: binary cross-entropy, scores on sigmoid outputs (mAP, macro; events as above).
+stops after 20 checks without a strict gain and the weights of the best check are tested.
+Multiclass: cross-entropy, scores on softmax outputs (top1_acc); multilabel: binary
+cross-entropy, scores on sigmoid outputs (mAP, macro; events as above).
 Splits: trainvaltest uses its splits; k-fold tasks use each sorted fold once as test, the
 next one as validation and the rest for training. As in hear-eval-kit, the dropout
 (0.1 or 0.25) is chosen on the first split's validation score and reused for the others.
@@ -63,23 +54,18 @@ Where this departs from hear-eval-kit (which trains through PyTorch Lightning):
 
 Overall score
 -------------
-s(m) = mean over tasks of (x_t(m) - min_t) / (max_t - min_t) * 100, x_t the mean primary
-score, min and max over the compared models; tasks where every model scores the same carry
-no information and are left out.
+`score` compares models with metrics.overall_scores: s(m) = mean over tasks of
+(x_t(m) - min_t) / (max_t - min_t) * 100, x_t the mean primary score, min and max over the
+compared models.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import functools
 import hashlib
-import io
 import json
 import math
 import multiprocessing
 import os
-import re
-import statistics
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -96,237 +82,10 @@ from tqdm import tqdm
 import embed
 import files
 import mae
+import metrics
+from hear_tasks import Task, data_splits, load_task, task_file_name
 
 CACHE_VERSION = 3
-
-
-# ----------------------------------------------------------------------------- tasks
-
-@dataclass
-class Task:
-    root: Path
-    metadata: dict
-    labels: list[str]  # label of each index
-    splits: dict[str, dict[str, list[str]]]  # split -> file -> labels
-
-    @property
-    def name(self) -> str:
-        return self.metadata["task_name"]
-
-    @property
-    def embedding_type(self) -> str:
-        return self.metadata["embedding_type"]
-
-    @property
-    def prediction_type(self) -> str:
-        return self.metadata["prediction_type"]
-
-    @property
-    def primary_score(self) -> str:
-        return self.metadata["evaluation"][0]
-
-    def items(self) -> list[tuple[str, str]]:
-        """(split, file) of every example, splits in metadata order, files sorted."""
-        return [(split, file) for split in self.metadata["splits"] for file in sorted(self.splits[split])]
-
-    @functools.cached_property
-    def audio_dir(self) -> Path:
-        return audio_root(self.root)
-
-    def audio_path(self, split: str, file: str) -> Path:
-        return self.audio_dir / split / file
-
-    @functools.cached_property
-    def label_ids(self) -> dict[str, int]:
-        return {label: i for i, label in enumerate(self.labels)}
-
-    def label_index(self, label, where: str) -> int:
-        if str(label) not in self.label_ids:
-            raise ValueError(f"{where}: label {label!r} is not in labelvocabulary.csv")
-        return self.label_ids[str(label)]
-
-    def targets(self, items: list[tuple[str, str]]) -> np.ndarray:
-        """Scene tasks: multi-hot (one-hot for multiclass) float32 targets (N, labels)."""
-        y = np.zeros((len(items), len(self.labels)), np.float32)
-        for row, (split, file) in enumerate(items):
-            for label in self.splits[split][file]:
-                y[row, self.label_index(label, f"{split}/{file}")] = 1.0
-        return y
-
-    def events(self, split: str, file: str) -> list[dict]:
-        """Event tasks: the reference events of a file, [{"label", "start", "end"}] in ms."""
-        return self.splits[split][file]
-
-    def frame_targets(self, item: tuple[str, str], timestamps: np.ndarray) -> np.ndarray:
-        """Event tasks: multi-hot targets (T, labels) of frames centred at `timestamps` (ms): a
-        frame carries the label of every event with start <= t <= end (hear-eval-kit's interval
-        tree holds [start, end + 0.0001))."""
-        y = np.zeros((len(timestamps), len(self.labels)), np.float32)
-        for event in self.events(*item):
-            active = (timestamps >= event["start"]) & (timestamps < event["end"] + 0.0001)
-            y[active, self.label_index(event["label"], "/".join(item))] = 1.0
-        return y
-
-
-def audio_root(task_dir: Path) -> Path:
-    """The <sample rate> folder of a task: 16000 if present, else the lowest rate above it,
-    else the highest one."""
-    rates = sorted(int(p.name) for p in task_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    if not rates:
-        raise ValueError(f"{files.shown(task_dir)}: no audio folder named by its sample rate (e.g. 16000/)")
-    above = [r for r in rates if r >= embed.SAMPLE_RATE]
-    return task_dir / str(above[0] if above else rates[-1])
-
-
-def load_task(task_dir: str | Path) -> Task:
-    """Read and check a HEAR task folder. Anything malformed raises ValueError naming the file
-    and what it should hold, before any audio is read."""
-    root = Path(task_dir)
-    meta_path = root / "task_metadata.json"
-    if not meta_path.is_file():
-        raise ValueError(f"{files.shown(root)}: not a HEAR task folder (no task_metadata.json)")
-    metadata = read_json(meta_path)
-    check_metadata(metadata, meta_path)
-    labels = read_label_vocabulary(root / "labelvocabulary.csv")
-    splits = {}
-    for split in metadata["splits"]:
-        split_path = root / f"{split}.json"
-        splits[split] = read_json(split_path)
-        if not isinstance(splits[split], dict):
-            raise ValueError(f"{files.shown(split_path)}: expected an object {{file name: [labels]}}, "
-                             f"got {json_kind(splits[split])}")
-    task = Task(root, metadata, labels, splits)
-    check_labels(task)
-    return task
-
-
-def json_kind(value) -> str:
-    """How a JSON value is described in messages: 'a list', 'the number 5', ..."""
-    if isinstance(value, (dict, list)):
-        return f"a {'list' if isinstance(value, list) else 'object'}"
-    return f"{json.dumps(value)[:40]}"
-
-
-def read_json(path: Path):
-    """A task's JSON file; ValueError naming the file when it is missing, not UTF-8 or not JSON."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{files.shown(path)}: missing") from None
-    except OSError as error:
-        raise ValueError(f"{files.shown(path)}: unreadable ({error.strerror})") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{files.shown(path)}: not UTF-8 text (byte {error.start}); "
-                         "task files must be UTF-8 JSON") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{files.shown(path)}: not valid JSON ({error.msg}, line {error.lineno})") from None
-
-
-METADATA_TYPES = {"task_name": str, "embedding_type": str, "prediction_type": str, "split_mode": str,
-                  "splits": list, "evaluation": list}
-
-
-def check_metadata(metadata, path: Path) -> None:
-    """Refuse task_metadata.json unless it holds the keys evaluation needs, with usable values."""
-    where = files.shown(path)
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{where}: expected an object with {', '.join(METADATA_TYPES)}; got {json_kind(metadata)}")
-    missing = [key for key in METADATA_TYPES if key not in metadata]
-    if missing:
-        raise ValueError(f"{where}: missing {', '.join(missing)}")
-    for key, kind in METADATA_TYPES.items():
-        value = metadata[key]
-        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) and v for v in value)):
-            expected = "a list of names" if kind is list else "a string"
-            raise ValueError(f"{where}: {key} must be {expected}, got {json_kind(value)}")
-    if not metadata["task_name"]:
-        raise ValueError(f"{where}: task_name is empty")
-    if not metadata["splits"] or len(set(metadata["splits"])) < len(metadata["splits"]):
-        raise ValueError(f"{where}: splits must name one or more distinct splits, got {metadata['splits']!r}")
-    kind = metadata["embedding_type"]
-    if kind not in ("scene", "event"):
-        raise ValueError(f"{where}: unknown embedding_type {kind!r} (scene or event)")
-    if metadata["prediction_type"] not in ("multiclass", "multilabel"):
-        raise ValueError(f"{where}: unknown prediction_type {metadata['prediction_type']!r} (multiclass or multilabel)")
-    if kind == "event" and metadata["prediction_type"] != "multilabel":
-        raise ValueError(f"{where}: event tasks are multilabel (several events may overlap)")
-    known = SCORES if kind == "scene" else EVENT_SCORES
-    unknown = [s for s in metadata["evaluation"] if s not in known]
-    if not metadata["evaluation"] or unknown:
-        raise ValueError(f"{where}: scores {unknown or '(none)'} not supported for {kind} tasks; "
-                         f"known: {', '.join(known)}")
-    if kind == "event" and not EVENT_SCORES[metadata["evaluation"][0]].maximize:
-        raise ValueError(f"{where}: the primary score {metadata['evaluation'][0]} is an error rate; "
-                         "early stopping needs a score to maximise first")
-    try:
-        data_splits(metadata)
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
-
-
-def read_label_vocabulary(path: Path) -> list[str]:
-    """labelvocabulary.csv: a header idx,label and one row per label, idx 0..n-1 in any order."""
-    where = files.shown(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"{where}: missing") from None
-    except OSError as error:
-        raise ValueError(f"{where}: unreadable ({error.strerror})") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{where}: not UTF-8 text (byte {error.start})") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is None or not {"idx", "label"} <= set(reader.fieldnames):
-        raise ValueError(f"{where}: expected the header idx,label, got {','.join(reader.fieldnames or [])!r}")
-    rows = []
-    for line, row in enumerate(reader, start=2):
-        if row["label"] is None or not re.fullmatch(r"\s*[0-9]+\s*", row["idx"] or ""):
-            raise ValueError(f"{where}: line {line}: expected an integer idx and a label, got {row['idx']!r},{row['label']!r}")
-        rows.append((int(row["idx"]), row["label"]))
-    rows.sort()
-    if [i for i, _ in rows] != list(range(len(rows))):
-        raise ValueError(f"{where}: indices are not 0..{len(rows) - 1}")
-    return [label for _, label in rows]
-
-
-def check_labels(task: Task) -> None:
-    """Refuse labels that are not lists, labels missing from the vocabulary, multiclass files
-    without exactly one label and malformed events, before any embedding is computed."""
-    for split, labelled in task.splits.items():
-        for file, labels in labelled.items():
-            where = f"{files.shown(task.root / f'{split}.json')}: {files.shown(file)}"
-            if not isinstance(labels, list):
-                example = '["dog"]' if task.embedding_type == "scene" else '[{"label": "dog", "start": 0, "end": 500}]'
-                raise ValueError(f"{where}: labels must be a list (e.g. {example}), got {json_kind(labels)}")
-            if task.embedding_type == "scene":
-                if task.prediction_type == "multiclass" and len(labels) != 1:
-                    raise ValueError(f"{where}: has {len(labels)} labels in a multiclass task (needs exactly one)")
-                for label in labels:
-                    task.label_index(label, where)
-                continue
-            for event in labels:
-                if not isinstance(event, dict) or not {"label", "start", "end"} <= set(event):
-                    raise ValueError(f"{where}: events need label, start and end (ms), got {event!r}")
-                if not all(isinstance(event[t], (int, float)) and not isinstance(event[t], bool) for t in ("start", "end")):
-                    raise ValueError(f"{where}: event start and end must be numbers (ms), got {event!r}")
-                if not event["start"] <= event["end"]:
-                    raise ValueError(f"{where}: an event ends before it starts: {event!r}")
-                task.label_index(event["label"], where)
-
-
-def data_splits(metadata: dict) -> list[dict[str, list[str]]]:
-    """hear-eval-kit's splits: trainvaltest as given; k folds (sorted): fold i is the test
-    set, fold i + 1 (cyclically) the validation set, the others the training set."""
-    mode = metadata["split_mode"]
-    if mode == "trainvaltest":
-        return [{"train": ["train"], "valid": ["valid"], "test": ["test"]}]
-    if mode in ("new_split_kfold", "presplit_kfold"):
-        folds = sorted(metadata["splits"])
-        if len(folds) < 3:
-            raise ValueError(f"{mode} needs at least 3 folds, got {folds}")
-        return [{"train": [f for f in folds if f not in (test, valid)], "valid": [valid], "test": [test]}
-                for test, valid in zip(folds, folds[1:] + folds[:1])]
-    raise ValueError(f"unknown split_mode {mode!r}")
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -470,259 +229,6 @@ def check_finite(task: Task, emb: Embedded) -> None:
                          f"{', '.join(map(files.shown, names[:5]))}{', ...' if len(names) > 5 else ''}")
 
 
-# ----------------------------------------------------------------------------- scores
-
-def top1_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(1) == targets.argmax(1)))
-
-
-def chroma_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Pitch accuracy ignoring the octave (classes are semitones)."""
-    return float(np.mean(probs.argmax(1) % 12 == targets.argmax(1) % 12))
-
-
-def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
-    """AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds, highest first
-    (sklearn's average_precision_score); 0 for a class without positives."""
-    order = np.argsort(-scores, kind="mergesort")
-    scores, positive = scores[order], positive[order]
-    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each threshold
-    true_pos = np.cumsum(positive)[last]
-    if true_pos[-1] == 0:
-        return 0.0
-    precision, recall = true_pos / (last + 1), true_pos / true_pos[-1]
-    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
-
-
-def mean_average_precision(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Macro mAP: every class counts the same."""
-    return float(np.mean([average_precision(probs[:, c], targets[:, c]) for c in range(targets.shape[1])]))
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve = P(score of a positive > score of a negative), ties
-    counting half (the Mann-Whitney statistic with average ranks)."""
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores))
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(scores)]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2  # average 1-based rank of a tie group
-    n_pos = positive.sum()
-    n_neg = len(scores) - n_pos
-    return float((ranks[positive > 0].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _class_aucs(probs: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
-    """Per-class AUCs, or None when a class lacks positives or negatives (hear-eval-kit
-    scores such a split as NaN)."""
-    counts = targets.sum(0)
-    if np.any(counts == 0) or np.any(counts == len(targets)):
-        return None
-    return np.array([roc_auc(probs[:, c], targets[:, c]) for c in range(targets.shape[1])])
-
-
-def aucroc(probs: np.ndarray, targets: np.ndarray) -> float:
-    aucs = _class_aucs(probs, targets)
-    return math.nan if aucs is None else float(aucs.mean())
-
-
-def d_prime(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Mean over classes of sqrt(2) * Phi^-1(AUC)."""
-    aucs = _class_aucs(probs, targets)
-    if aucs is None:
-        return math.nan
-    normal = statistics.NormalDist()
-    z = [math.copysign(math.inf, a - 0.5) if a in (0.0, 1.0) else normal.inv_cdf(a) for a in aucs]
-    return float(np.mean(z) * math.sqrt(2.0))
-
-
-SCORES = {  # hear-eval-kit's scene scores; all are maximised
-    "top1_acc": top1_accuracy,
-    "pitch_acc": top1_accuracy,
-    "chroma_acc": chroma_accuracy,
-    "mAP": mean_average_precision,
-    "d_prime": d_prime,
-    "aucroc": aucroc,
-}
-
-
-# ----------------------------------------------------------------------------- event scores
-# Event tasks are scored on events, not frames: the probe's frame outputs become events
-# (hear-eval-kit's postprocessing), compared with the reference events by sed_eval's overall
-# (micro-averaged) metrics. Times are in seconds there, as hear-eval-kit passes them.
-
-@dataclass(frozen=True)
-class EventScore:
-    kind: str  # "event": F-measure of matched events; "segment": error rate on a time grid
-    t_collar: float = 0.2  # s: |onset difference| allowed (and offset, with max(collar, share of length))
-    evaluate_offset: bool = False
-    percentage_of_length: float = 0.5
-    time_resolution: float = 1.0  # s: segment length
-    maximize: bool = True
-
-
-EVENT_SCORES = {  # hear-eval-kit's event scores
-    "event_onset_200ms_fms": EventScore("event", t_collar=0.2),
-    "event_onset_50ms_fms": EventScore("event", t_collar=0.05),
-    "event_onset_offset_50ms_20perc_fms": EventScore("event", t_collar=0.05, evaluate_offset=True,
-                                                     percentage_of_length=0.2),
-    "segment_1s_er": EventScore("segment", time_resolution=1.0, maximize=False),
-}
-
-# hear-eval-kit's postprocessing grid, chosen on validation at every check.
-POSTPROCESSING_GRID = ({"median_filter_ms": 250, "min_duration": 125}, {"median_filter_ms": 250, "min_duration": 250})
-
-
-def median_filter(x: np.ndarray, width: int) -> np.ndarray:
-    """scipy.ndimage.median_filter(x, size=(width, 1)): along time, element width // 2 of each
-    sorted window [t - width // 2, t - width // 2 + width), the ends mirrored (d c b a | a b c d)."""
-    if width <= 1:
-        return x
-    left = width // 2
-    padded = np.pad(x, ((left, width - 1 - left), (0, 0)), mode="symmetric")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, width, axis=0)  # (T, labels, width)
-    return np.sort(windows, axis=-1)[..., width // 2]
-
-
-def frames_to_events(probs: np.ndarray, timestamps: np.ndarray, labels: list[str], median_filter_ms: float,
-                     min_duration: float, threshold: float = 0.5) -> list[dict]:
-    """One file's frame probabilities (T, labels) -> events {"label", "start", "end"} in ms:
-    median filter over time, threshold, runs of active frames from the first to the last
-    frame's timestamp, runs shorter than min_duration dropped."""
-    if len(timestamps) > 1:
-        probs = median_filter(probs, int(round(median_filter_ms / np.mean(np.diff(timestamps)))))
-    events = []
-    for c, label in enumerate(labels):
-        active = np.flatnonzero(probs[:, c] > threshold)
-        for run in np.split(active, np.flatnonzero(np.diff(active) > 1) + 1) if len(active) else []:
-            start, end = float(timestamps[run[0]]), float(timestamps[run[-1]])
-            if end - start >= min_duration:
-                events.append({"label": label, "start": start, "end": end})
-    return sorted(events, key=lambda e: e["start"])
-
-
-def matching_size(hits: np.ndarray) -> int:
-    """Size of a maximum matching of a bipartite graph (reference x estimated boolean matrix),
-    by augmenting paths (Kuhn): what sed_eval's 'optimal' event matching counts."""
-    owner = [-1] * hits.shape[1]  # reference matched to each estimated event
-
-    def augment(ref: int, seen: list[bool]) -> bool:
-        for est in np.flatnonzero(hits[ref]):
-            if not seen[est]:
-                seen[est] = True
-                if owner[est] < 0 or augment(owner[est], seen):
-                    owner[est] = ref
-                    return True
-        return False
-
-    return sum(augment(ref, [False] * hits.shape[1]) for ref in range(hits.shape[0]))
-
-
-def event_counts(ref: list[dict], est: list[dict], score: EventScore) -> tuple[int, int, int]:
-    """(true positives, reference events, estimated events) of one file: a hit needs the same
-    label and the onset within the collar (and the offset within max(collar, share of the
-    reference length) when asked); each event counts at most once."""
-    true_pos = 0
-    for label in {e["label"] for e in ref} & {e["label"] for e in est}:
-        r = [(e["start"] / 1000.0, e["end"] / 1000.0) for e in ref if e["label"] == label]
-        s = [(e["start"] / 1000.0, e["end"] / 1000.0) for e in est if e["label"] == label]
-        hits = np.array([[abs(r_on - s_on) <= score.t_collar and (
-            not score.evaluate_offset or abs(r_off - s_off) <= max(score.t_collar, score.percentage_of_length * (r_off - r_on)))
-            for s_on, s_off in s] for r_on, r_off in r], dtype=bool)
-        true_pos += matching_size(hits)
-    return true_pos, len(ref), len(est)
-
-
-def segment_counts(ref: list[dict], est: list[dict], labels: list[str], resolution: float) -> np.ndarray:
-    """(substitutions, deletions, insertions, reference activity) of one file on a grid of
-    `resolution` s: a label is active in every segment its events touch."""
-    length = math.ceil(max([e["end"] / 1000.0 for e in ref + est], default=0.0) / resolution)
-
-    def roll(events: list[dict]) -> np.ndarray:
-        active = np.zeros((length, len(labels)), bool)
-        for e in events:
-            on, off = math.floor(e["start"] / 1000.0 / resolution), math.ceil(e["end"] / 1000.0 / resolution)
-            active[on:off, labels.index(str(e["label"]))] = True
-        return active
-
-    r, s = roll(ref), roll(est)
-    n_ref, n_sys, true_pos = r.sum(1), s.sum(1), (r & s).sum(1)
-    return np.array([(np.minimum(n_ref, n_sys) - true_pos).sum(), np.maximum(0, n_ref - n_sys).sum(),
-                     np.maximum(0, n_sys - n_ref).sum(), n_ref.sum()])
-
-
-def event_score(name: str, refs: list[list[dict]], ests: list[list[dict]], labels: list[str]) -> float:
-    """sed_eval's overall score `name` over files (reference and estimated events per file):
-    F-measure from summed counts (NaN without estimated or reference events, as sed_eval),
-    or the segment error rate (S + D + I) / N."""
-    score = EVENT_SCORES[name]
-    if score.kind == "segment":
-        subs, dels, ins, n_ref = sum(segment_counts(r, e, labels, score.time_resolution) for r, e in zip(refs, ests))
-        eps = np.spacing(1)
-        return float(subs / (n_ref + eps) + dels / (n_ref + eps) + ins / (n_ref + eps))
-    true_pos, n_ref, n_sys = np.sum([event_counts(r, e, score) for r, e in zip(refs, ests)], axis=0)
-    precision = true_pos / n_sys if n_sys else math.nan
-    recall = true_pos / n_ref if n_ref else math.nan
-    if precision == 0 and recall == 0:
-        return 0.0
-    return float(2 * precision * recall / (precision + recall))
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def student_t_two_sided(t: float, df: int) -> float:
-    """P(|T| < t) for Student's t with integer df (Abramowitz & Stegun 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...)), df - 3 powers
-        term, series = 1.0, 1.0
-        for k in range(1, (df - 1) // 2):
-            term *= c2 * (2 * k) / (2 * k + 1)
-            series += term
-        tail = math.sin(theta) * math.cos(theta) * series if df > 1 else 0.0
-        return 2 / math.pi * (theta + tail)
-    term, series = 1.0, 1.0  # even: sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...), df - 2 powers
-    for k in range(1, df // 2):
-        term *= c2 * (2 * k - 1) / (2 * k)
-        series += term
-    return math.sin(theta) * series
-
-
-def t_quantile(level: float, df: int) -> float:
-    """t such that P(|T| < t) = level (e.g. 12.706 for level 0.95, df 1), by bisection."""
-    low, high = 0.0, 1e6
-    for _ in range(200):
-        mid = (low + high) / 2
-        low, high = (mid, high) if student_t_two_sided(mid, df) < level else (low, mid)
-    return (low + high) / 2
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of its Student-t confidence interval (NaN for a single value)."""
-    n = len(values)
-    mean = float(np.mean(values))
-    if n < 2:
-        return mean, math.nan
-    return mean, t_quantile(level, n - 1) * float(np.std(values, ddof=1)) / math.sqrt(n)
-
-
-def overall_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
-    """s(m) = mean over tasks of (x_t(m) - min_t) / (max_t - min_t) * 100.
-
-    scores: model -> task -> score; only tasks every model has count, and tasks where all
-    models tie are left out (no information). NaN when no task is left."""
-    tasks = set.intersection(*(set(s) for s in scores.values())) if scores else set()
-    spread = {}
-    for task in tasks:
-        values = [s[task] for s in scores.values()]
-        if max(values) > min(values):
-            spread[task] = (min(values), max(values))
-    return {model: float(np.mean([(s[t] - lo) / (hi - lo) * 100 for t, (lo, hi) in spread.items()]))
-            if spread else math.nan for model, s in scores.items()}
-
-
 # ----------------------------------------------------------------------------- probe
 
 @dataclass
@@ -764,10 +270,10 @@ class SceneScorer:
 
     def validate(self, probs: np.ndarray) -> tuple[float, None]:
         """(primary score, postprocessing: none for scenes)."""
-        return SCORES[self.names[0]](probs, self.y), None
+        return metrics.SCORES[self.names[0]](probs, self.y), None
 
     def scores(self, probs: np.ndarray, postprocessing: None = None) -> dict[str, float]:
-        return {name: SCORES[name](probs, self.y) for name in self.names}
+        return {name: metrics.SCORES[name](probs, self.y) for name in self.names}
 
 
 class EventScorer:
@@ -781,20 +287,20 @@ class EventScorer:
         self.refs = [task.events(*emb.items[files[r[0]]]) for r in self.file_rows]
 
     def events(self, probs: np.ndarray, postprocessing: dict) -> list[list[dict]]:
-        return [frames_to_events(probs[r], t, self.labels, **postprocessing)
+        return [metrics.frames_to_events(probs[r], t, self.labels, **postprocessing)
                 for r, t in zip(self.file_rows, self.timestamps)]
 
     def validate(self, probs: np.ndarray) -> tuple[float, dict]:
         """(primary score, postprocessing) with the postprocessing of the grid that scores best
         (NaN scores last; on ties the later grid entry, as hear-eval-kit's reverse sort)."""
-        scored = [(event_score(self.names[0], self.refs, self.events(probs, post), self.labels), post)
-                  for post in POSTPROCESSING_GRID]
+        scored = [(metrics.event_score(self.names[0], self.refs, self.events(probs, post), self.labels), post)
+                  for post in metrics.POSTPROCESSING_GRID]
         value, post = max(reversed(scored), key=lambda sp: -math.inf if math.isnan(sp[0]) else sp[0])
         return value, post
 
     def scores(self, probs: np.ndarray, postprocessing: dict) -> dict[str, float]:
         estimated = self.events(probs, postprocessing)
-        return {name: event_score(name, self.refs, estimated, self.labels) for name in self.names}
+        return {name: metrics.event_score(name, self.refs, estimated, self.labels) for name in self.names}
 
 
 @dataclass
@@ -961,7 +467,7 @@ def summarize(runs: list[dict], score_names: list[str]) -> dict:
     summary = {}
     for name in score_names:
         values = [run["scores"][name] for run in runs]
-        mean, ci = mean_ci(values)
+        mean, ci = metrics.mean_ci(values)
         summary[name] = {"mean": mean, "ci95": ci, "std": float(np.std(values, ddof=1)) if len(values) > 1
                          else math.nan, "per_seed": values}
     return summary
@@ -1016,16 +522,6 @@ def score_markdown(table: dict[str, dict[str, float]], overall: dict[str, float]
 OUTPUTS = ("results.json", "results.md", "cache")  # what `run` writes in --out
 
 
-def task_file_name(name: str) -> str:
-    """A task name as a file name inside --out: only letters, digits, '.', '-' and '_', never
-    hidden or a path (a task_name of '../../x' stays inside); a name that had to change gets a
-    short hash of the original so that two tasks never share a file."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
-    if safe == name:
-        return name
-    return f"{safe or 'task'}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
-
-
 def holds_own_results(out: Path, identity: dict) -> bool:
     """Whether `out` holds only what `run` writes, with results (if any) of the same model: a
     rerun there replaces the results and reuses the cached embeddings."""
@@ -1055,7 +551,7 @@ class DefaultGroup(click.Group):
 
 
 @click.group(cls=DefaultGroup)
-def cli():
+def main():
     """HEAR downstream evaluation: `run` (the default) and `score`."""
 
 
@@ -1108,7 +604,7 @@ def embed_tasks(tasks: list[Task], model: embed.Embedder, identity: dict, out: P
     return embedded
 
 
-@cli.command()
+@main.command()
 @click.argument("model_path", metavar="MODEL")
 @click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -1209,7 +705,7 @@ def read_results(path: str) -> tuple[str, dict]:
         raise click.ClickException(f"{files.shown(file)}: not a readable results.json ({error})") from error
 
 
-@cli.command()
+@main.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the table here.")
 def score(results, out):
@@ -1224,11 +720,11 @@ def score(results, out):
     for name, scores in table.items():
         if set(scores) - common:
             click.echo(f"{name}: tasks not in every result, left out: {', '.join(sorted(set(scores) - common))}", err=True)
-    text = score_markdown(table, overall_scores(table))
+    text = score_markdown(table, metrics.overall_scores(table))
     click.echo(text)
     if out:
         files.write_text(Path(out), text)
 
 
 if __name__ == "__main__":
-    cli()
+    main()

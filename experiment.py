@@ -368,13 +368,15 @@ def write_report(out: Path, tag: str, context: dict, score_md: str, tasks_md: st
     """results.md (tables) and run.json (settings and timings) in `out`."""
     (out / "run.json").write_text(json.dumps(
         dict(context=context, settings=asdict(s), seconds=seconds), indent=1) + "\n")
-    (out / "results.md").write_text(results_markdown(
+    (out / "results.md").write_text(report_markdown(
         f"MW-MAE vs MAE vs AudioMAE++ at small scale ({tag})", context, score_md, tasks_md,
         train_md, png))
 
 
-def results_markdown(title: str, context: dict, score_md: str, tasks_md: str, train_md: str,
+def report_markdown(title: str, context: dict, score_md: str, tasks_md: str, train_md: str,
                      png: Path) -> str:
+    """The experiment's results.md: its settings, the s(m) table of all models, the per-task
+    table and the pretraining table (evaluate.results_markdown is one model's results)."""
     settings = "\n".join(f"- {key}: {value}" for key, value in context.items())
     return (f"# {title}\n\n{settings}\n\n## Overall score s(m) (primary score per task, %, mean over "
             f"probe seeds; s(m) normalised over the models in this table)\n\n{score_md}\n"

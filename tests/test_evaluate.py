@@ -1,5 +1,6 @@
-"""Tests for evaluate.py: splits, scores against sklearn/scipy, confidence intervals, s(m),
-and the probe and command line end to end on small synthetic HEAR tasks."""
+"""Tests for evaluate.py and hear_tasks.py: task folders and their splits, the probe, and the
+command line end to end on small synthetic HEAR tasks (the scores themselves are tested in
+test_metrics.py)."""
 import json
 import math
 
@@ -12,7 +13,10 @@ from click.testing import CliRunner
 import checkpoints
 import embed
 import evaluate
+import hear_tasks
 import mae
+import metrics
+from test_metrics import imported_modules
 
 SMALL = dict(depth=1, decoder_depth=1, decoder_dim=64)
 FAST = evaluate.ProbeConfig(max_epochs=45, patience=5)
@@ -49,82 +53,25 @@ def model():
     return embed.Embedder(mae.build("mwmae-tiny", **SMALL), batch_size=16, source="test model")
 
 
-# ----------------------------------------------------------------------------- splits
+# ----------------------------------------------------------------------------- task folders
+
+def test_task_module_imports_no_model_code():
+    """Task folders are read without the model: hear_tasks needs only audio, files and metrics."""
+    loaded = imported_modules("hear_tasks")
+    assert {"audio", "files", "metrics"} <= loaded
+    assert not loaded & {"attention", "mae", "checkpoints", "embed", "data", "evaluate"}
+
 
 def test_kfold_and_trainvaltest_splits():
     folds = {"split_mode": "new_split_kfold", "splits": ["fold02", "fold00", "fold01", "fold03", "fold04"]}
-    splits = evaluate.data_splits(folds)
+    splits = hear_tasks.data_splits(folds)
     assert splits[0] == {"train": ["fold02", "fold03", "fold04"], "valid": ["fold01"], "test": ["fold00"]}
     assert splits[4] == {"train": ["fold01", "fold02", "fold03"], "valid": ["fold00"], "test": ["fold04"]}
     assert sorted(s["test"][0] for s in splits) == sorted(folds["splits"])
-    assert evaluate.data_splits({"split_mode": "trainvaltest", "splits": ["train", "valid", "test"]}) == [
+    assert hear_tasks.data_splits({"split_mode": "trainvaltest", "splits": ["train", "valid", "test"]}) == [
         {"train": ["train"], "valid": ["valid"], "test": ["test"]}]
     with pytest.raises(ValueError):
-        evaluate.data_splits({"split_mode": "leave_one_out", "splits": []})
-
-
-# ----------------------------------------------------------------------------- scores
-
-def test_scores_match_sklearn():
-    metrics = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(0)
-    targets = (rng.random((60, 5)) < 0.3).astype(np.float32)
-    targets[:, 4] = 0  # a class without positives: AP 0, as sklearn gives
-    probs = np.round(rng.random((60, 5)), 1)  # many ties
-    with pytest.warns(UserWarning):
-        expected = metrics.average_precision_score(targets, probs, average="macro")
-    assert evaluate.mean_average_precision(probs, targets) == pytest.approx(expected, abs=1e-9)
-    for c in range(4):
-        assert evaluate.roc_auc(probs[:, c], targets[:, c]) == pytest.approx(
-            metrics.roc_auc_score(targets[:, c], probs[:, c]), abs=1e-12)
-    assert math.isnan(evaluate.aucroc(probs, targets))  # a class without positives
-    assert evaluate.aucroc(probs[:, :4], targets[:, :4]) == pytest.approx(
-        metrics.roc_auc_score(targets[:, :4], probs[:, :4], average="macro"), abs=1e-12)
-
-
-def test_d_prime_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(1)
-    targets = (rng.random((80, 3)) < 0.5).astype(np.float32)
-    probs = rng.random((80, 3)) + 0.3 * targets
-    aucs = [evaluate.roc_auc(probs[:, c], targets[:, c]) for c in range(3)]
-    expected = np.mean(stats.norm().ppf(aucs) * np.sqrt(2))
-    assert evaluate.d_prime(probs, targets) == pytest.approx(expected, abs=1e-9)
-
-
-def test_top1_and_chroma_accuracy():
-    targets = np.eye(24, dtype=np.float32)[[0, 1, 2, 13]]
-    probs = np.eye(24)[[0, 1, 14, 0]]  # right, right, octave error, wrong
-    assert evaluate.top1_accuracy(probs, targets) == 0.5
-    assert evaluate.chroma_accuracy(probs, targets) == 0.75
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def test_t_quantiles():
-    assert evaluate.t_quantile(0.95, 1) == pytest.approx(12.7062, abs=1e-4)
-    assert evaluate.t_quantile(0.95, 9) == pytest.approx(2.2622, abs=1e-4)
-    stats = pytest.importorskip("scipy.stats")
-    for df in range(1, 41):
-        assert evaluate.t_quantile(0.95, df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-9)
-        assert evaluate.t_quantile(0.99, df) == pytest.approx(stats.t.ppf(0.995, df), abs=1e-8)
-
-
-def test_mean_ci():
-    mean, half = evaluate.mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), abs=1e-6)
-    mean, half = evaluate.mean_ci([0.5])
-    assert mean == 0.5 and math.isnan(half)
-
-
-def test_overall_score():
-    scores = {"a": {"t1": 0.9, "t2": 0.5, "t3": 0.7}, "b": {"t1": 0.7, "t2": 0.6, "t3": 0.7},
-              "c": {"t1": 0.8, "t2": 0.4, "t3": 0.7, "t4": 1.0}}
-    s = evaluate.overall_scores(scores)  # t3 ties everywhere, t4 is not shared: both left out
-    assert s["a"] == pytest.approx((100 + 50) / 2)
-    assert s["b"] == pytest.approx((0 + 100) / 2)
-    assert s["c"] == pytest.approx((50 + 0) / 2)
-    assert math.isnan(evaluate.overall_scores({"a": {"t1": 0.9}})["a"])
+        hear_tasks.data_splits({"split_mode": "leave_one_out", "splits": []})
 
 
 # ----------------------------------------------------------------------------- probe
@@ -146,7 +93,7 @@ def test_minibatches():
 
 @pytest.mark.parametrize("split_mode", ["new_split_kfold", "trainvaltest"])
 def test_probe_learns_tones(tmp_path, model, split_mode):
-    task = evaluate.load_task(write_task(tmp_path / "tones", split_mode))
+    task = hear_tasks.load_task(write_task(tmp_path / "tones", split_mode))
     emb = evaluate.task_embeddings(task, model, None, {})
     assert emb.x.shape == (36, 960) and not emb.bad and len(emb.items) == 36
     result = evaluate.evaluate_task(task, emb, seed=0, cfg=FAST)
@@ -156,7 +103,7 @@ def test_probe_learns_tones(tmp_path, model, split_mode):
 
 
 def test_probe_cannot_learn_random_labels(tmp_path, model):
-    task = evaluate.load_task(write_task(tmp_path / "random", shuffle_labels=True, seed=3, per_split=6))
+    task = hear_tasks.load_task(write_task(tmp_path / "random", shuffle_labels=True, seed=3, per_split=6))
     emb = evaluate.task_embeddings(task, model, None, {})
     result = evaluate.evaluate_task(task, emb, seed=0, cfg=FAST)
     assert result["scores"]["top1_acc"] < 0.7
@@ -172,7 +119,7 @@ def test_cli_run_cache_and_score(tmp_path, model, monkeypatch):
     checkpoints.save_pretrained(model.mae, checkpoint)
     runner = CliRunner()
     args = [str(checkpoint), *map(str, tasks), "--seeds", "2", "--max-epochs", "9", "--device", "cpu"]
-    first = runner.invoke(evaluate.cli, [*args, "--out", str(tmp_path / "results" / "m1")])  # no `run`
+    first = runner.invoke(evaluate.main, [*args, "--out", str(tmp_path / "results" / "m1")])  # no `run`
     assert first.exit_code == 0, first.output
     results = json.loads((tmp_path / "results" / "m1" / "results.json").read_text())
     a = results["tasks"]["tones_a"]
@@ -188,10 +135,10 @@ def test_cli_run_cache_and_score(tmp_path, model, monkeypatch):
     (tmp_path / "results" / "m2" / "cache").mkdir(parents=True)
     for cache in (tmp_path / "results" / "m1" / "cache").iterdir():
         (tmp_path / "results" / "m2" / "cache" / cache.name).write_bytes(cache.read_bytes())
-    second = runner.invoke(evaluate.cli, ["run", *args, "--out", str(tmp_path / "results" / "m2")])
+    second = runner.invoke(evaluate.main, ["run", *args, "--out", str(tmp_path / "results" / "m2")])
     assert second.exit_code == 0, second.output
 
-    table = runner.invoke(evaluate.cli, ["score", str(tmp_path / "results" / "m1"),
+    table = runner.invoke(evaluate.main, ["score", str(tmp_path / "results" / "m1"),
                                          str(tmp_path / "results" / "m2" / "results.json")])
     assert table.exit_code == 0, table.output
     assert "| model | tones_a | tones_b | s(m) |" in table.output
@@ -207,7 +154,7 @@ def test_parallel_probes_equal_sequential(tmp_path, model):
     runs = {}
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
-        result = CliRunner().invoke(evaluate.cli, [str(checkpoint), *map(str, tasks), "--seeds", "3", "--max-epochs",
+        result = CliRunner().invoke(evaluate.main, [str(checkpoint), *map(str, tasks), "--seeds", "3", "--max-epochs",
                                                    "12", "--device", "cpu", "--jobs", str(jobs), "--threads", "1",
                                                    "--out", str(out)])
         assert result.exit_code == 0, result.output
@@ -250,32 +197,8 @@ def write_event_task(root, files_per_split=3, seconds=4.0, rate=16000, seed=0):
     return root
 
 
-def test_median_filter_matches_scipy():
-    ndimage = pytest.importorskip("scipy.ndimage")  # scipy comes with librosa
-    rng = np.random.default_rng(0)
-    for frames in (1, 2, 3, 5, 8, 40):
-        x = rng.random((frames, 3))
-        for width in (1, 2, 3, 6, 7, 12):
-            np.testing.assert_array_equal(evaluate.median_filter(x, width),
-                                          ndimage.median_filter(x, size=(width, 1)), err_msg=f"{frames} {width}")
-
-
-def test_frames_to_events():
-    stamps = np.arange(10) * 40.0 + 15  # 15, 55, ... ms
-    probs = np.zeros((10, 2))
-    probs[2:6, 0] = 0.9  # a 4-frame run: 95..215 ms, 120 ms long
-    probs[8, 0] = 0.9  # a lone frame: 0 ms long
-    probs[1:9, 1] = [0.9, 0.9, 0.2, 0.9, 0.9, 0.9, 0.9, 0.9]  # one dip
-    events = evaluate.frames_to_events(probs, stamps, ["a", "b"], median_filter_ms=0, min_duration=100)
-    # b's first run (55-95 ms, 40 ms) and a's lone frame are shorter than 100 ms
-    assert events == [{"label": "a", "start": 95.0, "end": 215.0}, {"label": "b", "start": 175.0, "end": 335.0}]
-    smoothed = evaluate.frames_to_events(probs, stamps, ["a", "b"], median_filter_ms=120, min_duration=0)
-    assert {"label": "b", "start": 55.0, "end": 335.0} in smoothed  # the median of 3 fills the dip
-    assert not any(e["label"] == "a" and e["start"] == e["end"] for e in smoothed)  # and drops the lone frame
-
-
 def test_frame_targets(tmp_path):
-    task = evaluate.load_task(write_event_task(tmp_path / "ev", files_per_split=1))
+    task = hear_tasks.load_task(write_event_task(tmp_path / "ev", files_per_split=1))
     item = ("train", "clip0.wav")
     stamps = np.arange(100) * 40.0 + 15
     y = task.frame_targets(item, stamps)
@@ -286,65 +209,6 @@ def test_frame_targets(tmp_path):
     assert y.sum() == sum(((stamps >= e["start"]) & (stamps <= e["end"])).sum() for e in task.events(*item))
 
 
-def random_events(rng, n, labels, length_s=10.0):
-    events = []
-    for _ in range(n):
-        start = rng.uniform(0, length_s - 0.2)
-        events.append({"label": str(rng.choice(labels)), "start": round(start * 1000, 1),
-                       "end": round((start + rng.uniform(0.05, 2.0)) * 1000, 1)})
-    return events
-
-
-def test_event_scores_match_sed_eval():
-    """Our event F-measures and segment error rate against sed_eval 0.2.1 itself, called the
-    way hear-eval-kit calls it (one evaluate() per file, overall metrics)."""
-    sed_eval = pytest.importorskip("sed_eval")
-    from dcase_util.containers import MetaDataContainer
-    rng = np.random.default_rng(0)
-    labels = ["a", "b", "c"]
-    for trial in range(20):
-        refs = [random_events(rng, int(rng.integers(1, 8)), labels) for _ in range(4)]
-        # estimates: jittered copies of some references, plus false alarms (a file may get none)
-        ests = []
-        for ref in refs:
-            est = [{**e, "start": e["start"] + rng.normal(0, 150), "end": e["end"] + rng.normal(0, 300)}
-                   for e in ref if rng.random() < 0.7]
-            est = [e for e in est if e["end"] > e["start"] > 0] + random_events(rng, int(rng.integers(0, 3)), labels)
-            ests.append([] if trial % 7 == 3 else est)
-
-        def container(files):
-            return MetaDataContainer([{"event_label": e["label"], "event_onset": e["start"] / 1000.0,
-                                       "event_offset": e["end"] / 1000.0, "file": f"f{i}"}
-                                      for i, events in enumerate(files) for e in events])
-
-        for name, score in evaluate.EVENT_SCORES.items():
-            if score.kind == "event":
-                metric = sed_eval.sound_event.EventBasedMetrics(
-                    event_label_list=labels, evaluate_onset=True, evaluate_offset=score.evaluate_offset,
-                    t_collar=score.t_collar, percentage_of_length=score.percentage_of_length)
-            else:
-                metric = sed_eval.sound_event.SegmentBasedMetrics(event_label_list=labels,
-                                                                 time_resolution=score.time_resolution)
-            reference, estimated = container(refs), container(ests)
-            for i in range(len(refs)):
-                metric.evaluate(reference_event_list=reference.filter(filename=f"f{i}"),
-                                estimated_event_list=estimated.filter(filename=f"f{i}"))
-            overall = metric.results_overall_metrics()
-            expected = overall["f_measure"]["f_measure"] if score.kind == "event" else overall["error_rate"]["error_rate"]
-            ours = evaluate.event_score(name, refs, ests, labels)
-            if math.isnan(expected):
-                assert math.isnan(ours), (trial, name)
-            else:
-                assert ours == pytest.approx(expected, abs=1e-12), (trial, name)
-
-
-def test_matching_is_maximum():
-    """A greedy first-come matching would give 1 here; the maximum is 2."""
-    hits = np.array([[True, True], [True, False]])
-    assert evaluate.matching_size(hits) == 2
-    assert evaluate.matching_size(np.zeros((3, 0), bool)) == 0
-
-
 def test_event_task_end_to_end(tmp_path, model):
     """An event task through the command line: timestamp embeddings, frame probes, events,
     sed_eval-style scores; the tones are easy, so the onsets are found."""
@@ -352,13 +216,13 @@ def test_event_task_end_to_end(tmp_path, model):
     checkpoint = tmp_path / "model.safetensors"
     checkpoints.save_pretrained(model.mae, checkpoint)
     out = tmp_path / "out"
-    result = CliRunner().invoke(evaluate.cli, [str(checkpoint), str(root), "--seeds", "2", "--max-epochs", "60",
+    result = CliRunner().invoke(evaluate.main, [str(checkpoint), str(root), "--seeds", "2", "--max-epochs", "60",
                                                "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "results.json").read_text())["tasks"]["bursts"]
     assert report["primary"] == "event_onset_200ms_fms" and report["frames"] == 9 * 100
     fold = report["runs"][0]["folds"][0]
-    assert fold["postprocessing"] in [dict(p) for p in evaluate.POSTPROCESSING_GRID]
+    assert fold["postprocessing"] in [dict(p) for p in metrics.POSTPROCESSING_GRID]
     assert report["scores"]["event_onset_200ms_fms"]["mean"] >= 0.5
     assert 0 <= report["scores"]["segment_1s_er"]["mean"] < 1.0
 
@@ -368,13 +232,13 @@ def test_event_task_checks(tmp_path):
     meta = json.loads((root / "task_metadata.json").read_text())
     (root / "task_metadata.json").write_text(json.dumps({**meta, "evaluation": ["segment_1s_er"]}))
     with pytest.raises(ValueError, match="error rate"):
-        evaluate.load_task(root)
+        hear_tasks.load_task(root)
     (root / "task_metadata.json").write_text(json.dumps({**meta, "evaluation": ["top1_acc"]}))
     with pytest.raises(ValueError, match="not supported for event tasks"):
-        evaluate.load_task(root)
+        hear_tasks.load_task(root)
     (root / "task_metadata.json").write_text(json.dumps({**meta, "prediction_type": "multiclass"}))
     with pytest.raises(ValueError, match="multilabel"):
-        evaluate.load_task(root)
+        hear_tasks.load_task(root)
 
 
 def test_bad_labels_are_refused_before_embedding(tmp_path):
@@ -383,7 +247,7 @@ def test_bad_labels_are_refused_before_embedding(tmp_path):
     for bad, message in ([["nope"], "not in labelvocabulary"], [["low", "mid"], "2 labels in a multiclass task"]):
         (root / "fold00.json").write_text(json.dumps({**labels, "low_0.wav": bad}))
         with pytest.raises(ValueError, match=message):
-            evaluate.load_task(root)
+            hear_tasks.load_task(root)
     events = write_event_task(tmp_path / "ev", files_per_split=1)
     good = json.loads((events / "train.json").read_text())
     for bad, message in ([{"label": "low", "start": 10.0}], "need label, start and end"), \
@@ -391,7 +255,7 @@ def test_bad_labels_are_refused_before_embedding(tmp_path):
                         ([{"label": "x", "start": 0.0, "end": 5.0}], "not in labelvocabulary"):
         (events / "train.json").write_text(json.dumps({**good, "clip0.wav": bad}))
         with pytest.raises(ValueError, match=message):
-            evaluate.load_task(events)
+            hear_tasks.load_task(events)
 
 
 def test_cli_split_without_readable_audio(tmp_path, model):
@@ -401,7 +265,7 @@ def test_cli_split_without_readable_audio(tmp_path, model):
         path.write_bytes(b"not audio")
     checkpoint = tmp_path / "model.safetensors"
     checkpoints.save_pretrained(model.mae, checkpoint)
-    result = CliRunner().invoke(evaluate.cli, [str(checkpoint), str(root), "--seeds", "1", "--max-epochs", "3",
+    result = CliRunner().invoke(evaluate.main, [str(checkpoint), str(root), "--seeds", "1", "--max-epochs", "3",
                                                "--device", "cpu", "--jobs", "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "no examples in split(s) ['test']" in result.output
     assert not isinstance(result.exception, ValueError)

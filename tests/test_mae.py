@@ -310,12 +310,13 @@ def test_device_names(monkeypatch):
             mae.device(name)
 
 
-@pytest.mark.parametrize("module", ["train", "embed", "bench"])
+@pytest.mark.parametrize("module", ["train", "embed", "bench", "evaluate"])
 def test_every_command_refuses_an_unavailable_device_in_one_line(module, monkeypatch):
     """The same --device option in every command, resolved before any work is done."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     command = importlib.import_module(module).main
-    args = {"embed": ["mwmae-tiny", ".", "--out", "unused"]}.get(module, [])
+    args = {"embed": ["mwmae-tiny", ".", "--out", "unused"],
+            "evaluate": ["run", "mwmae-tiny", "."]}.get(module, [])
     result = CliRunner().invoke(command, [*args, "--device", "cuda"])
     assert result.exit_code == 2, result.output
     assert result.output.splitlines()[-1] == "Error: Invalid value for '--device': CUDA is not available on this machine"
