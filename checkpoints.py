@@ -1,12 +1,22 @@
 """Model files: the one checkpoint format (safetensors weights + config in metadata), saving,
 loading, and the checks that make loading an untrusted file safe.
 
-    save_pretrained(model, path)     weights and config in one safetensors file, written atomically
-    load_pretrained(path)            a model from such a file, or from train.py's checkpoint.pt
+    save_pretrained(model, path, dtype=None)  weights and config in one safetensors file, written
+                                     atomically; dtype=torch.float16 stores half-size weights
+    load_pretrained(path)            a model (float32) from such a file, from train.py's
+                                     checkpoint.pt, or from a bundled model's name
+    bundled_models()                 name -> file of the models shipped in models/
+    resolve_model(spec)              the file a MODEL argument names (a path or a bundled name)
     read_checkpoint(path)            a training checkpoint (torch file), read with weights_only=True
     config_for_weights(config, shapes)  a file's config, checked against its tensors' shapes
 
-    python checkpoints.py FILE       what a model file holds (kind, config, parameters), after the checks
+    python checkpoints.py FILE       what a model file holds (kind, stored dtype, config, parameters),
+                                     after the checks (FILE may be a bundled model's name)
+
+Bundled models: models/<name>.safetensors next to this file (float16 weights, half the size of
+float32; the model is float32 in memory) load by name wherever a model file is taken, e.g.
+load_pretrained("mwmae-tiny-debian") or `python embed.py mwmae-tiny-debian AUDIO_DIR --out OUT`.
+DEFAULT_MODEL is what embed.py and evaluate.py use when no model is given.
 """
 import dataclasses
 import json
@@ -39,8 +49,13 @@ from mae import MAE, MAEConfig
 
 MAX_DEPTH = 1000  # blocks per stack: the largest preset has 32; building thousands takes seconds
 TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little")
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of floating-point dtypes
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}  # safetensors' names
 _DEFAULTS = dataclasses.asdict(MAEConfig())
+STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what save_pretrained writes
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"  # the bundled models (tests point it elsewhere)
+MODEL_SUFFIX = ".safetensors"
+DEFAULT_MODEL = "mwmae-tiny-debian"  # the pretrained MW-MAE shipped with the code
 
 
 class CheckpointError(ValueError):
@@ -224,12 +239,22 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
-def save_pretrained(model: MAE, path: str | Path) -> None:
-    """Weights and config in one safetensors file (the config in its metadata)."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_pretrained(model: MAE, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Weights and config in one safetensors file (the config in its metadata, and the dtype
+    the weights are stored in). dtype: torch.float16 or torch.bfloat16 store the weights in
+    half the bytes (load_pretrained upcasts them to float32); None keeps the model's own."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "mwmae-torch", "config": json.dumps(model.cfg.to_dict())}
+    if dtype is not None and dtype not in STORED_DTYPES:
+        raise ValueError(f"cannot store weights as {dtype}: use one of "
+                         f"{', '.join(map(_dtype_name, STORED_DTYPES))}")
+    state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    stored = sorted({_dtype_name(tensor.dtype) for tensor in state.values()})
+    metadata = {"format": "mwmae-torch", "config": json.dumps(model.cfg.to_dict()), "dtype": ",".join(stored)}
     umask = os.umask(0)
     os.umask(umask)
 
@@ -273,12 +298,30 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> tuple[MAE
         raise _error(path, f"cannot read its tensors ({error})") from None
 
 
+def bundled_models() -> dict[str, Path]:
+    """name -> file of every model shipped in MODELS_DIR (models/<name>.safetensors), by name."""
+    if not MODELS_DIR.is_dir():
+        return {}
+    found = (path for path in MODELS_DIR.glob("*" + MODEL_SUFFIX) if path.is_file())
+    return {path.name.removesuffix(MODEL_SUFFIX): path for path in sorted(found)}
+
+
+def resolve_model(spec: str | Path) -> Path | None:
+    """The model file that a MODEL argument names: the file at that path, else the bundled
+    model of that name; None when it names neither (a preset name is the caller's business)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    return bundled_models().get(str(spec))
+
+
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> MAE:
-    """A model from save_pretrained's safetensors file, or from a training checkpoint (a torch
-    file with 'config' and 'model'; read with weights_only=True). The file's config is checked
-    against its tensors before anything is built (see above). Raises CheckpointError, and
+    """A float32 model from save_pretrained's safetensors file (float16 and bfloat16 weights are
+    upcast), from a training checkpoint (a torch file with 'config' and 'model'; read with
+    weights_only=True), or from a bundled model's name. The file's config is checked against
+    its tensors before anything is built (see above). Raises CheckpointError, and
     MissingCheckpointError (also a FileNotFoundError) when there is no file."""
-    path = Path(path)
+    path = resolve_model(path) or Path(path)
     if not path.is_file():
         raise MissingCheckpointError(f"{files.shown(path)}: no such model file")
     try:
@@ -292,6 +335,7 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     else:
         checkpoint = read_checkpoint(path, map_location)
         cfg, state = MAEConfig(**checkpoint["config"]), checkpoint["model"]
+    state = {name: tensor.float() for name, tensor in state.items()}  # float32 whatever is stored
     model = MAE(cfg)
     try:
         model.load_state_dict(state)
@@ -302,18 +346,29 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
 
 # ----------------------------------------------------------------------------- command
 
+def stored_dtypes(path: str | Path) -> list[str]:
+    """The dtypes a checked model file stores its weights in ('float16', ...), sorted."""
+    if model_file_kind(path) == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return sorted({FLOAT_DTYPES[f.get_slice(name).get_dtype()] for name in f.keys()})
+    return sorted({_dtype_name(t.dtype) for t in read_checkpoint(path)["model"].values()})
+
+
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 def main(path: str):
-    """What model file PATH holds (after every check load_pretrained makes): its kind, config
-    and parameter count."""
+    """What model file PATH (or the bundled model named PATH) holds, after every check
+    load_pretrained makes: its kind, stored dtype, config and parameter count."""
     try:
         model = load_pretrained(path)
-        kind = model_file_kind(path)
+        path = resolve_model(path)
+        kind, dtypes = model_file_kind(path), stored_dtypes(path)
     except (CheckpointError, OSError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"{files.shown(path)}: {kind} model file, "
-               f"{sum(p.numel() for p in model.parameters()):,} parameters")
+               f"{sum(p.numel() for p in model.parameters()):,} parameters, stored as {'/'.join(dtypes)}")
     for name, value in model.cfg.to_dict().items():
         click.echo(f"  {name:<20} {value}")
 

@@ -20,7 +20,8 @@ safetensors. It is organised in sections:
    without jax, flax or ml_collections, and without executing pickled code.
 2. Name mapping from the official parameter names to ours.
 3. Config inference from the checkpoint contents (sizes, block kind, windows, CLS).
-4. Command-line interface: ``python convert.py CHECKPOINT --out model.safetensors``.
+4. Command-line interface: ``python convert.py CHECKPOINT --out model.safetensors``
+   (``--dtype float16`` stores the weights in half the bytes; they load as float32).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from attention import window_sizes
 from files import shown
 from checkpoints import CheckpointError, config_for_weights, load_pretrained, model_file_kind, save_pretrained
 from mae import MAE, SIZES, MAEConfig, parse_overrides
+
+STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # --dtype
 
 
 # ============================================================================
@@ -731,7 +734,9 @@ def _may_be_flax(path: Path) -> bool:
               help="Output .safetensors file (weights + config).")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=JSON",
               help='Override an inferred config field, e.g. --set decoder_heads=16 --set windows="[2,5,250]".')
-def main(checkpoint: Path, out: Path, overrides: tuple[str, ...]):
+@click.option("--dtype", type=click.Choice(list(STORED_DTYPES)), default="float32", show_default=True,
+              help="How the weights are stored: float16 or bfloat16 halve the file (they load as float32).")
+def main(checkpoint: Path, out: Path, overrides: tuple[str, ...], dtype: str):
     """Convert an official MW-MAE / MAE (flax msgpack) or AudioMAE++ (.pth) checkpoint,
     or one of ours, to this project's safetensors format, which embed.py, evaluate.py and
     checkpoints.load_pretrained take (train.py does not: its --resume needs its own
@@ -740,9 +745,9 @@ def main(checkpoint: Path, out: Path, overrides: tuple[str, ...]):
         model = convert(checkpoint, **parse_overrides(overrides))
     except (ValueError, OSError) as error:  # CheckpointError and the readers' errors included
         raise click.ClickException(" ".join(str(error).split())) from None
-    save_pretrained(model, out)
+    save_pretrained(model, out, dtype=STORED_DTYPES[dtype])
     cfg = model.cfg
-    click.echo(f"{checkpoint} -> {out}: {cfg.block} blocks, dim {cfg.embed_dim} x {cfg.depth}, "
+    click.echo(f"{checkpoint} -> {out} ({dtype}): {cfg.block} blocks, dim {cfg.embed_dim} x {cfg.depth}, "
                f"decoder {cfg.decoder_dim} x {cfg.decoder_depth}"
                f"{' (multi-window)' if cfg.decoder_multiwindow else ''}, patch {cfg.patch_size}, "
                f"cls {cfg.cls_token}, {sum(p.numel() for p in model.parameters()):,} parameters")

@@ -2,9 +2,11 @@
 
 HEAR API (module level, so `embed` is a HEAR module as it is)
 ------------------------------------------------------------
-    load_model(model_file_path="mwmae-tiny", layout="time", seed=0, batch_size=32) -> Embedder
+    load_model(model_file_path=None, layout="time", seed=0, batch_size=32) -> Embedder
         A checkpoint (.safetensors from checkpoints.save_pretrained, or a training checkpoint .pt),
-        or a preset name ("mwmae-tiny", ...) for a seeded random initialisation.
+        a bundled model's name ("mwmae-tiny-debian", "mae-tiny-debian": models/<name>.safetensors),
+        or a preset name ("mwmae-tiny", ...) for a seeded random initialisation. No argument
+        (or "") loads the default, the bundled pretrained MW-MAE (checkpoints.DEFAULT_MODEL).
     get_scene_embeddings(audio (n, samples), model) -> float32 (n, D)
     get_timestamp_embeddings(audio (n, samples), model) -> (float32 (n, T, D), float32 (n, T) ms)
 Audio is 16 kHz mono in [-1, 1]; results are on the device of `audio`, the work is done on
@@ -40,8 +42,10 @@ only to compare with the paper's tables; the default "time" layout is the correc
 
 Command line
 ------------
-    python embed.py MODEL AUDIO_DIR... --out OUT [--timestamps] [--batch-size 32]
+    python embed.py [MODEL] AUDIO_DIR... --out OUT [--timestamps] [--batch-size 32]
                     [--device auto|cpu|cuda|xla] [--layout time|official] [--overwrite]
+MODEL is optional: when the first argument is an existing folder it is audio (a model is never
+a folder) and the default bundled model is used, which is said on stderr.
 writes OUT/embeddings.npy (float32 [files, D], scene embeddings), OUT/files.txt (one path per
 row), OUT/model.json (what made the embeddings), OUT/bad_files.tsv (path<TAB>reason for every
 file that could not be used: unreadable, not a regular file, non-finite log-mel; they are
@@ -205,38 +209,47 @@ class Embedder(nn.Module):
         return out
 
 
-def load_model(model_file_path: str = "mwmae-tiny", layout: str = "time", seed: int = 0,
+def load_model(model_file_path: str | None = None, layout: str = "time", seed: int = 0,
                batch_size: int = 32) -> Embedder:
-    """HEAR entry point: a checkpoint file (checkpoints.load_pretrained) or a preset name from
-    mae.PRESETS, which gives a random initialisation drawn with torch seed `seed`.
+    """HEAR entry point: a checkpoint file (checkpoints.load_pretrained), a bundled model's name
+    (checkpoints.bundled_models), or a preset name from mae.PRESETS, which gives a random
+    initialisation drawn with torch seed `seed`. None or "" (HEAR's "no file") loads the
+    default, the bundled pretrained checkpoints.DEFAULT_MODEL.
 
     Raises checkpoints.CheckpointError (a ValueError) for a file that is not a model, ValueError for
-    an unknown name, FileNotFoundError for a missing file (a name with a folder or suffix);
-    every message is one line naming the file."""
-    name = str(model_file_path)
+    an unknown name, FileNotFoundError for a missing file (a name with a folder or suffix, or
+    the default model's file); every message is one line naming the file."""
+    name = str(model_file_path or checkpoints.DEFAULT_MODEL)
     if name in mae.PRESETS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = mae.build(name)
         source = f"preset {name}, seed {seed}"
-    elif Path(name).is_file():
-        model = checkpoints.load_pretrained(name)
-        stat = Path(name).stat()
-        source = f"{Path(name).resolve()} ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
     else:
-        raise unknown_model(name)
+        path = checkpoints.resolve_model(name)
+        if path is None:
+            raise unknown_model(name)
+        model = checkpoints.load_pretrained(path)
+        stat = path.stat()
+        source = f"{path.resolve()} ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
     return Embedder(model, layout=layout, batch_size=batch_size, source=source)
 
 
 def unknown_model(name: str) -> Exception:
-    """The error for a MODEL that is neither a preset nor a regular file, with the presets
-    closest to what was typed (a misspelt preset is the usual cause)."""
+    """The error for a MODEL that is neither a preset, a bundled model nor a regular file, with
+    the names closest to what was typed (a misspelt name is the usual cause)."""
     if os.path.lexists(name):
         return checkpoints.CheckpointError(f"{files.shown(name)}: not a model file (not a regular file)")
-    closest = difflib.get_close_matches(name, mae.PRESETS, n=1)
+    bundled = list(checkpoints.bundled_models())
+    if name == checkpoints.DEFAULT_MODEL:
+        return checkpoints.MissingCheckpointError(
+            f"the default model {name} is missing: no file "
+            f"{files.shown(checkpoints.MODELS_DIR / (name + checkpoints.MODEL_SUFFIX))}; give MODEL "
+            f"(a model file, a bundled model: {', '.join(bundled) or 'none here'}, or a preset)")
+    closest = difflib.get_close_matches(name, bundled + mae.PRESETS, n=1)
     hint = f"; did you mean {closest[0]}?" if closest else ""
-    message = (f"{files.shown(name)!r} is neither a model file nor a preset{hint} "
-               f"(presets: {', '.join(mae.PRESETS)})")
+    message = (f"{files.shown(name)!r} is neither a model file nor a preset nor a bundled model{hint} "
+               f"(bundled: {', '.join(bundled) or 'none'}; presets: {', '.join(mae.PRESETS)})")
     looks_like_a_path = os.sep in name or Path(name).suffix
     return FileNotFoundError(message) if looks_like_a_path else ValueError(message)
 
@@ -408,14 +421,36 @@ def save_npz(path: Path, **arrays) -> None:
     files.atomic_write(path, write)
 
 
-def load_model_or_fail(model_path: str, **options) -> Embedder:
+def default_model_note() -> str:
+    """The stderr line of a command run without MODEL."""
+    return (f"no MODEL given: using the bundled pretrained {checkpoints.DEFAULT_MODEL} "
+            f"({files.shown(checkpoints.MODELS_DIR / (checkpoints.DEFAULT_MODEL + checkpoints.MODEL_SUFFIX))})")
+
+
+def model_and_folders(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """click callback splitting "[MODEL] FOLDER..." into (MODEL or None, the folders): the
+    first value is a folder of inputs when it is an existing folder (a model is never a
+    folder), else MODEL. Each folder must exist (click's own message)."""
+    model = None if os.path.isdir(values[0]) else values[0]
+    folders = values[1:] if model is not None else values
+    if not folders:
+        raise click.BadParameter(f"{model!r} is taken as MODEL (it is not a folder): give at least "
+                                 f"one folder after it", ctx=ctx, param=param)
+    exists = click.Path(exists=True)
+    return model, tuple(exists.convert(folder, param, ctx) for folder in folders)
+
+
+def load_model_or_fail(model_path: str | None, **options) -> Embedder:
     """load_model for the command line: any problem with MODEL is one line, and a preset
-    (random weights) is said so on stderr, since it is easily mistaken for a trained model."""
+    (random weights) is said so on stderr, since it is easily mistaken for a trained model;
+    so is the default used when MODEL is None."""
     try:
         model = load_model(model_path, **options)
     except (ValueError, OSError) as error:  # checkpoints.CheckpointError is a ValueError
         raise click.ClickException(str(error)) from None
-    if model_path in mae.PRESETS:
+    if model_path is None:
+        click.echo(default_model_note(), err=True)
+    elif model_path in mae.PRESETS:
         click.echo(f"{model_path} is a preset: random initialisation (seed {options['seed']}), "
                    f"not pretrained weights", err=True)
     return model
@@ -453,8 +488,7 @@ def embed_into(out: Path, model: Embedder, paths: list[str], bad: dict[str, str]
 
 
 @click.command()
-@click.argument("model_path", metavar="MODEL")
-@click.argument("audio_dirs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, metavar="[MODEL] AUDIO_DIR...", callback=model_and_folders)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (new or empty, see --overwrite).")
 @click.option("--timestamps", is_flag=True, help="Also write per-file timestamp embeddings.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
@@ -464,14 +498,18 @@ def embed_into(out: Path, model: Embedder, paths: list[str], bad: dict[str, str]
               help="'official' reproduces the AudioMAE++ release's scrambled layout.")
 @click.option("--seed", default=0, show_default=True, help="Seed of a preset's random initialisation.")
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in --out.")
-def main(model_path, audio_dirs, out, timestamps, batch_size, device, layout, seed, overwrite):
-    """Embed every audio file under AUDIO_DIR... with MODEL (a checkpoint or a preset name).
+def main(inputs, out, timestamps, batch_size, device, layout, seed, overwrite):
+    """Embed every audio file under AUDIO_DIR... with MODEL: a model file, a bundled model's name
+    (mwmae-tiny-debian, mae-tiny-debian) or a preset name (random weights).
+
+    MODEL is optional: when the first argument is an existing folder it is audio (a model is
+    never a folder) and the bundled pretrained MW-MAE (mwmae-tiny-debian) is used.
 
     Writes OUT/embeddings.npy (scene embeddings, float32 [files, D]), OUT/files.txt (the file
     of each row), OUT/bad_files.tsv (files that could not be used, skipped) and, with
     --timestamps, OUT/timestamps/<row>.npz holding `embeddings` [T, D] and `timestamps` [T] (ms).
     """
-    out = Path(out)
+    (model_path, audio_dirs), out = inputs, Path(out)
     model = load_model_or_fail(model_path, layout=layout, seed=seed, batch_size=batch_size)
     model = model.to(device)
     bad: dict[str, str] = {}

@@ -93,13 +93,12 @@ def hostile_models(folder: Path, checkpoint: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     made = {"empty": folder / "empty.pt", "empty safetensors": folder / "empty.safetensors",
             "random bytes": folder / "random.pt", "truncated": folder / "truncated.safetensors",
-            "audio": folder / "sound.wav", "folder": folder / "a_folder"}
+            "audio": folder / "sound.wav"}
     made["empty"].write_bytes(b"")
     made["empty safetensors"].write_bytes(b"")
     made["random bytes"].write_bytes(rng.bytes(4096))
     made["truncated"].write_bytes(checkpoint.read_bytes()[:50_000])
     sf.write(made["audio"], np.zeros(1600, np.float32), 16000)
-    made["folder"].mkdir()
     return made
 
 
@@ -109,6 +108,10 @@ def test_hostile_model_files_give_one_line_naming_the_file(tmp_path, checkpoint)
         result = run_cli(path, tmp_path / "audio", "--out", tmp_path / f"out_{path.stem}")
         assert_one_line_error(result, str(path))
         assert not (tmp_path / f"out_{path.stem}").exists(), kind  # nothing made for a bad MODEL
+    # On the command line a folder is always audio (MODEL is optional); the API names it.
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(checkpoints.CheckpointError, match="a_folder: not a model file"):
+        embed.load_model(str(tmp_path / "a_folder"))
 
 
 # ----------------------------------------------------------------------------- folders without audio
