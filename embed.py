@@ -83,6 +83,7 @@ LAYOUTS = ("time", "official")
 MIN_SAMPLES = audio.N_FFT  # one 25-ms analysis window: the shortest sound the HEAR API takes
 MAX_CHANNELS = 8  # a 2-D input whose second dimension is this small is channels, not time
 OUTPUTS = ("embeddings.npy", "files.txt", "bad_files.tsv", "model.json", "timestamps")  # in --out
+DEFAULT_MODEL = checkpoints.DEFAULT_MODEL  # the bundled model used when no MODEL is given
 
 
 # ----------------------------------------------------------------------------- frame arithmetic

@@ -605,8 +605,7 @@ def embed_tasks(tasks: list[Task], model: embed.Embedder, identity: dict, out: P
 
 
 @main.command()
-@click.argument("model_path", metavar="MODEL")
-@click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, metavar="[MODEL] TASK_DIR...", callback=embed.model_and_folders)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: results/<model name>].")
 @click.option("--overwrite", is_flag=True,
@@ -625,15 +624,24 @@ def embed_tasks(tasks: list[Task], model: embed.Embedder, identity: dict, out: P
               help="Probe processes [default: one per CPU core on cpu, 1 on cuda].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads per process [default: embedding: torch's choice; probes: cores / jobs].")
-def run(model_path, task_dirs, out, overwrite, seeds, device, batch_size, layout, model_seed, max_epochs,
+def run(inputs, out, overwrite, seeds, device, batch_size, layout, model_seed, max_epochs,
         standardize, n_jobs, threads):
-    """Evaluate MODEL (a checkpoint or a preset name) on the HEAR task folders TASK_DIR...."""
+    """Evaluate MODEL (a model file, a bundled model's name or a preset name) on the HEAR task
+    folders TASK_DIR....
+
+    MODEL is optional: when the first argument is an existing folder it is a task folder (a
+    model is never a folder) and the bundled pretrained MW-MAE (mwmae-tiny-debian) is evaluated.
+    """
+    model_arg, task_dirs = inputs
+    model_path = model_arg or embed.DEFAULT_MODEL
     if threads:
         torch.set_num_threads(threads)
     tasks = load_tasks(task_dirs)
     out = Path(out or Path("results") / Path(model_path).stem)
     device = str(device)  # probe processes compare it with "cpu"
     model = load_model(model_path, layout, model_seed, batch_size, device)
+    if model_arg is None:
+        click.echo(embed.default_model_note(), err=True)
     identity = model_identity(model)
     try:
         output = files.OutputFolder(out, own=OUTPUTS, resumable=holds_own_results(out, identity), overwrite=overwrite)

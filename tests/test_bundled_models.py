@@ -211,3 +211,18 @@ def test_checkpoints_command_names_the_stored_dtype(bundled):
     assert result.exit_code == 0, result.output
     first = result.output.splitlines()[0]
     assert first.startswith(f"{bundled[1]}: safetensors model file, ") and first.endswith("stored as float16")
+
+
+def test_evaluate_without_model_uses_the_default(bundled, tmp_path):
+    import evaluate
+    from test_evaluate import write_task
+
+    _, path = bundled
+    tones = write_task(tmp_path / "tones", "trainvaltest", per_split=1)
+    out = tmp_path / "out"
+    fast = ["--device", "cpu", "--jobs", "1", "--seeds", "1", "--max-epochs", "3"]
+    result = CliRunner().invoke(evaluate.main, [str(tones), "--out", str(out), *fast])  # no MODEL, no `run`
+    assert result.exit_code == 0, result.output
+    assert f"no MODEL given: using the bundled pretrained {NAME} ({path})" in result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["model_arg"] == NAME and str(path.resolve()) in results["model"]["source"]
