@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 
 import audio
@@ -276,3 +277,31 @@ def task_file_name(name: str) -> str:
     if safe == name:
         return name
     return f"{safe or 'task'}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def main(task_dirs: tuple[str, ...]) -> None:
+    """Check HEAR task folders as evaluate.py would (before any audio is read) and summarise
+    each: kind, labels, files per split, audio folder and how the splits are used."""
+    for task_dir in task_dirs:
+        try:
+            task = load_task(task_dir)
+        except (ValueError, OSError) as error:
+            raise click.ClickException(str(error)) from None
+        meta = task.metadata
+        counts = ", ".join(f"{split} {len(task.splits[split])}" for split in meta["splits"])
+        click.echo(f"{task.name}: {task.embedding_type} / {task.prediction_type}, "
+                   f"{len(task.labels)} labels, primary score {task.primary_score}")
+        click.echo(f"  files: {counts}; audio in {files.shown(task.audio_dir)}")
+        for n, split in enumerate(data_splits(meta), 1):
+            click.echo(f"  split {n}: " + "; ".join(f"{part} {'+'.join(names)}" for part, names in split.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -62,6 +62,20 @@ def test_task_module_imports_no_model_code():
     assert not loaded & {"attention", "mae", "checkpoints", "embed", "data", "evaluate"}
 
 
+def test_task_command_checks_and_summarises(tmp_path):
+    """python hear_tasks.py TASK...: a summary of a good folder, one line for a bad one."""
+    good = write_task(tmp_path / "tones")
+    (tmp_path / "bad").mkdir()
+    runner = CliRunner()
+    ok = runner.invoke(hear_tasks.main, [str(good)])
+    assert ok.exit_code == 0, ok.output
+    assert "tones: scene / multiclass, 3 labels, primary score top1_acc" in ok.output
+    assert "fold00 12, fold01 12, fold02 12" in ok.output and "split 3:" in ok.output
+    bad = runner.invoke(hear_tasks.main, [str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and bad.output.strip().splitlines() == [
+        f"Error: {tmp_path / 'bad'}: not a HEAR task folder (no task_metadata.json)"]
+
+
 def test_kfold_and_trainvaltest_splits():
     folds = {"split_mode": "new_split_kfold", "splits": ["fold02", "fold00", "fold01", "fold03", "fold04"]}
     splits = hear_tasks.data_splits(folds)
