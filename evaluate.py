@@ -2,7 +2,8 @@
 
 Commands
 --------
-    python evaluate.py MODEL TASK_DIR... [--seeds 10] [--out results/NAME]   (or: evaluate.py run ...)
+    python evaluate.py [MODEL] TASK_DIR... [--seeds 10] [--out results/NAME]   (or: evaluate.py run ...)
+    (without MODEL, i.e. when the first argument is a folder, the bundled mwmae-tiny-debian)
     python evaluate.py score RESULTS... [--out FILE]
 `run` embeds every task with embed.py (cached in OUT/cache/<task>.npz, keyed by the model's
 weights hash, config and layout and by every audio file's name, size and times, so changed
