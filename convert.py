@@ -31,7 +31,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any

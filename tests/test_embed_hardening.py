@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import audio
 import checkpoints
@@ -43,7 +43,7 @@ def write_clips(folder: Path, count: int, seconds: float = 0.5) -> list[Path]:
     return paths
 
 
-def run_cli(*args) -> "click.testing.Result":
+def run_cli(*args) -> Result:
     return CliRunner().invoke(embed.main, [str(a) for a in args] + ["--device", "cpu"])
 
 

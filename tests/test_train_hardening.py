@@ -17,33 +17,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import data
 import mae
 import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--set", "depth=1", "--set", "decoder_depth=1", "--set", "decoder_dim=64",
-        "--workers", "0", "--warmup-steps", "2", "--log-every", "1"]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+from test_train import ONE_THREAD, ROOT, TINY, one_thread, run, store  # noqa: F401 (fixtures)
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """16 synthetic clips of 2.5 s."""
-    return data.prepare_demo(tmp_path_factory.mktemp("store"), n_clips=16, seconds=2.5).root
-
-
-def run(*args) -> None:
-    train.main.main([str(arg) for arg in args], standalone_mode=False)
 
 
 def refused(*args) -> str:
