@@ -24,11 +24,16 @@ interchangeable backends (`MultiWindowAttention(backend=...)`):
 "auto" picks "flex" on CUDA and "reshape" elsewhere. This module is a leaf: it knows
 nothing about audio or MAE.
 
+For analysis (analyze.py), `attention_maps(layer, x)` recomputes from a layer's weights what
+the fast path never materialises: each head's (n x n) probabilities (zeros outside its
+windows) and its output before W_O. The layers' forward is untouched by it.
+
     python attention.py               # each head's windows and cost, and a check of the
                                       # fast layer against the reference
 """
 import itertools
 import math
+from typing import NamedTuple
 
 import click
 import torch
@@ -266,6 +271,56 @@ class MultiWindowAttention(Attention):
             q, k, v, score_mod=relative_position if tables is not None else None,
             block_mask=self.block_mask(n, q.device))
         return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+class AttentionMaps(NamedTuple):
+    """What one attention layer did, for analysis (entropy, distances, PWCCA).
+
+    probs: (B, H, n, n), row i of head h is the distribution of query i over the keys; a
+        windowed head's probabilities sit at their token positions, zeros outside its window.
+    head_outputs: (B, H, n, d), probs @ v per head, before the heads are concatenated and
+        projected by W_O.
+    """
+    probs: torch.Tensor
+    head_outputs: torch.Tensor
+
+
+def head_windows(attn: Attention, n: int) -> list[int]:
+    """The window each head of `attn` uses on a sequence of n tokens (n for a global head)."""
+    windows = attn.windows if isinstance(attn, MultiWindowAttention) else [n] * attn.num_heads
+    return [min(w, n) for w in windows]
+
+
+def score_bias(attn: Attention, n: int, like: torch.Tensor) -> torch.Tensor:
+    """(H, n, n) additive scores: -inf between tokens of different windows of a head, the
+    head's relative bias B_h[i, j] inside them (offsets inside a window are offsets i - j of
+    the whole sequence), zeros for a global head."""
+    bias = like.new_zeros(attn.num_heads, n, n)
+    i = torch.arange(n, device=like.device)
+    rel_pos = getattr(attn, "rel_pos", {})
+    for h, w in enumerate(head_windows(attn, n)):
+        if str(h) in rel_pos:
+            table = rel_pos[str(h)]
+            bias[h] = table[(i[:, None] - i[None, :]).clamp(-(w - 1), w - 1) + len(table) // 2]
+        bias[h].masked_fill_(i[:, None] // w != i[None, :] // w, float("-inf"))
+    return bias
+
+
+def attention_maps(attn: Attention, x: torch.Tensor, positions: torch.Tensor | None = None) -> AttentionMaps:
+    """Recompute the attention probabilities and per-head outputs of `attn` (an Attention or
+    MultiWindowAttention) on its input x (B, n, dim), from the layer's own weights.
+
+    The layers' forward never materialises the probabilities (fused kernels, windows folded
+    into the batch); this function writes Eq. (1) with full n x n matrices instead, masking
+    each head to its windows, so it costs n^2 per head and is meant for analysis only.
+    `attn.proj(head_outputs.transpose(1, 2).flatten(2))` is the layer's output.
+    """
+    q, k, v = attn.project_qkv(x, positions)  # each (B, H, n, d)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, n, n)
+    probs = (scores + score_bias(attn, q.shape[2], scores)).softmax(-1)
+    return AttentionMaps(probs, probs @ v)
 
 
 _compiled_flex = None
