@@ -127,6 +127,14 @@ def test_pwcca_matches_an_independent_reference(a, b):
     assert 0.2 < analyze.pwcca(x, y) < 0.9  # a case that tells weights and correlations apart
 
 
+def test_pwcca_matrix_is_pwcca_of_every_pair():
+    rng = np.random.default_rng(2)
+    heads = [rng.normal(size=(300, 3)) @ rng.normal(size=(3, 5)) + rng.normal(size=(300, 5)) for _ in range(3)]
+    heads.append(heads[0] @ rng.normal(size=(5, 5)))
+    expected = [[analyze.pwcca(a, b) for b in heads] for a in heads]
+    assert np.abs(analyze.pwcca_matrix(heads) - np.array(expected)).max() <= 1e-10
+
+
 def test_pwcca_invariants():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(400, 8)) @ rng.normal(size=(8, 8))
