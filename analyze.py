@@ -257,6 +257,11 @@ def analyse_model(label: str, embedder: embed.Embedder, crops: torch.Tensor, see
 
 # ----------------------------------------------------------------------------- figures
 
+def short(label: str) -> str:
+    """A model's label in a figure: a file's name without its folders."""
+    return Path(label).name
+
+
 def save_figure(figure: Figure, path: Path) -> None:
     files.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
@@ -274,7 +279,7 @@ def entropy_figure(models: dict[str, dict]) -> Figure:
                 offset = 0.6 * (m / max(1, len(models) - 1) - 0.5) if len(models) > 1 else 0.0
                 for block, values in enumerate(result["stacks"][stack][key]):
                     ax.scatter([block + offset] * len(values), values, s=14, color=f"C{m}",
-                               label=label if block == 0 else None)
+                               label=short(label) if block == 0 else None)
             ax.set(xlabel=f"{stack} block", ylabel=unit, title=f"{stack}: {unit} per head")
             ax.grid(alpha=0.3)
         axes[row, 0].legend(fontsize=7)
@@ -288,19 +293,26 @@ def edge_blocks(depth: int) -> list[int]:
 
 def distance_figure(models: dict[str, dict]) -> Figure:
     """Fig. 3b: per crop and head mean attention distance (Euclidean, in patches) of the first
-    two and last two blocks of each stack; one box per model, head means as dots."""
+    two and last two blocks of each stack (block numbers of the first model); one box per
+    model, head means as dots."""
     first = next(iter(models.values()))["stacks"]
     columns = max(len(edge_blocks(len(first[stack]["windows"]))) for stack in STACKS)
     figure = Figure(figsize=(3.2 * columns, 7), layout="constrained")
     axes = figure.subplots(len(STACKS), columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)  # a shallower stack leaves some panels empty
     for row, stack in enumerate(STACKS):
         for col, block in enumerate(edge_blocks(len(first[stack]["windows"]))):
             ax = axes[row, col]
+            ax.set_visible(True)
             for m, result in enumerate(models.values()):
-                per_head = result["stacks"][stack]["distance_patches_per_crop"][block]
+                blocks = result["stacks"][stack]["distance_patches_per_crop"]
+                if block >= len(blocks):  # a shallower model
+                    continue
+                per_head = blocks[block]
                 ax.boxplot([v for head in per_head for v in head], positions=[m], widths=0.6, showfliers=False)
                 ax.scatter([m] * len(per_head), [np.mean(head) for head in per_head], s=12, color=f"C{m}", zorder=3)
-            ax.set_xticks(range(len(models)), list(models), rotation=30, ha="right", fontsize=7)
+            ax.set_xticks(range(len(models)), [short(label) for label in models], rotation=30, ha="right", fontsize=7)
             ax.set(title=f"{stack} block {block}", ylabel="mean distance (patches)")
             ax.grid(alpha=0.3)
     return figure
@@ -321,7 +333,7 @@ def pwcca_figure(models: dict[str, dict]) -> Figure:
                 ax.axvline(edge - 0.5, color="white", lw=1)
             ax.set_xticks(range(len(windows)), windows, fontsize=5, rotation=90)
             ax.set_yticks(range(len(windows)), windows, fontsize=5)
-            ax.set(title=f"{label}\n{stack} PWCCA (window per head)")
+            ax.set(title=f"{short(label)}\n{stack} PWCCA (window per head)")
         figure.colorbar(image, ax=axes[row, -1], shrink=0.8)
     return figure
 
