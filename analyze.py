@@ -97,16 +97,30 @@ def pwcca_matrix(heads: list[np.ndarray]) -> np.ndarray:
     with the neurons are U^T (z_i^T x_i). Thousands of small SVDs: torch on one thread, since
     threads make each one ~30x slower on a busy CPU."""
     with one_thread():
-        centred = [torch.from_numpy(x - x.mean(0)) for x in heads]
+        centred = [torch.from_numpy((x - x.mean(0)).astype(np.float64)) for x in heads]
         whitened = [x @ torch.from_numpy(whitening((x.T @ x).numpy())) for x in centred]
         overlaps = [z.T @ x for z, x in zip(whitened, centred)]
         matrix = np.empty((len(heads), len(heads)))
         for i, (zi, overlap) in enumerate(zip(whitened, overlaps)):
             for j, zj in enumerate(whitened):
-                u, rho, _ = torch.linalg.svd(zi.T @ zj, full_matrices=False)
+                u, rho = singular_pairs(zi.T @ zj)
                 alpha = (u.T @ overlap).abs().sum(1)
                 matrix[i, j] = float(alpha @ rho.clamp(0.0, 1.0) / alpha.sum())
     return matrix
+
+
+def singular_pairs(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and singular values of m (a, b), the min(a, b) largest. LAPACK's
+    SVD can fail to converge on matrices with many repeated singular values (a head against
+    itself gives the identity); then the symmetric eigenproblem of m m^T, which always
+    converges, gives the same pairs: m m^T = U diag(rho^2) U^T."""
+    try:
+        u, rho, _ = torch.linalg.svd(m, full_matrices=False)
+        return u, rho
+    except torch.linalg.LinAlgError:
+        values, vectors = torch.linalg.eigh(m @ m.T)
+        top = values.argsort(descending=True)[: min(m.shape)]
+        return vectors[:, top], values[top].clamp(min=0.0).sqrt()
 
 
 @contextlib.contextmanager

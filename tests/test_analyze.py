@@ -135,6 +135,22 @@ def test_pwcca_matrix_is_pwcca_of_every_pair():
     assert np.abs(analyze.pwcca_matrix(heads) - np.array(expected)).max() <= 1e-10
 
 
+def test_pwcca_matrix_survives_an_svd_that_does_not_converge(monkeypatch):
+    """LAPACK's SVD failed to converge on a real model's heads (float32, a head against itself);
+    the eigenproblem fallback must give the same matrix."""
+    rng = np.random.default_rng(3)
+    heads = [rng.normal(size=(200, 4)).astype(np.float32) for _ in range(3)]
+    heads.append(heads[1] @ rng.normal(size=(4, 4)).astype(np.float32))
+    expected = analyze.pwcca_matrix(heads)
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    assert np.abs(analyze.pwcca_matrix(heads) - expected).max() <= 1e-8
+    assert np.allclose(np.diag(expected), 1.0)
+
+
 def test_pwcca_invariants():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(400, 8)) @ rng.normal(size=(8, 8))
