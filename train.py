@@ -26,6 +26,7 @@ Outputs in --out:
                          on SIGINT/SIGTERM and at the end; read it with
                          torch.load(weights_only=True) or checkpoints.load_pretrained
     recon_step*.png      input log-mel, masked input and reconstruction at every checkpoint
+    checkpoint_step*.pt  with --keep-checkpoints: a copy of every checkpoint (analyze.py takes them)
     metrics.jsonl        one JSON object per logged step: step, epoch, loss, lr, samples/s, time
     model.safetensors    the final weights and config (checkpoints.load_pretrained; embed.py takes it)
 --out is locked for the run (a second process on it fails at once) and must be new or empty,
@@ -40,6 +41,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -187,7 +189,8 @@ def micro_batches(loader: data.EpochLoader, seed: int, epoch: int, skip: int, pe
 
 def own_outputs(out: Path) -> list[str]:
     """The names train.py writes in --out (OutputFolder takes names, so the figures are listed)."""
-    return [CHECKPOINT, METRICS, FINAL, *sorted(path.name for path in out.glob("recon_step*.png"))]
+    kept = [*out.glob("recon_step*.png"), *out.glob("checkpoint_step*.pt")]
+    return [CHECKPOINT, METRICS, FINAL, *sorted(path.name for path in kept)]
 
 
 def only_own_outputs(out: Path) -> bool:
@@ -411,6 +414,9 @@ def mean_over_processes(value: torch.Tensor) -> float:
 @click.option("--seed", default=0, type=click.IntRange(0))
 @click.option("--log-every", default=10, type=POSITIVE, help="Steps between metrics lines.")
 @click.option("--save-every", type=POSITIVE, help="Steps between checkpoints. [default: 1000, DEMO 100]")
+@click.option("--keep-checkpoints", is_flag=True,
+              help="Also keep a copy of every checkpoint as checkpoint_stepNNNNNNN.pt "
+                   "(e.g. for analyze.py over the course of pretraining).")
 @click.option("--cache-dir", default="cache", type=click.Path(file_okay=False),
               help="Where feature stores of audio folders and the DEMO set are kept.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt if there is one.")
@@ -418,7 +424,7 @@ def mean_over_processes(value: torch.Tensor) -> float:
               help="Start a new run in a non-empty --out, deleting its outputs of an earlier run.")
 def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, batch_size,
          accum_steps, blr, betas, weight_decay, warmup_epochs, warmup_steps, device,
-         precision, workers, seed, log_every, save_every, cache_dir, resume, overwrite):
+         precision, workers, seed, log_every, save_every, keep_checkpoints, cache_dir, resume, overwrite):
     """Pretrain on the audio under DATA: folders (prepared once into a feature store under
     --cache-dir) or a store from `python data.py prepare`. Without DATA: the built-in DEMO
     set of synthetic sounds with a small model, 300 steps (a few minutes on a laptop CPU).
@@ -538,6 +544,9 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
                 data=dict(epoch=step // steps_per_epoch,
                           micro_batch=step % steps_per_epoch * accum_steps, seed=seed, **layout))
             save_checkpoint(checkpoint_path, checkpoint)
+            if keep_checkpoints:  # a copy per save, e.g. for analyze.py over pretraining
+                kept = out / f"checkpoint_step{step:07d}.pt"
+                files.atomic_write(kept, lambda tmp: shutil.copyfile(checkpoint_path, tmp))
             save_reconstruction(model, example, example_noise, out / f"recon_step{step:07d}.png",
                                 f"{out.name}, step {step} ({reason})")
 

@@ -201,3 +201,18 @@ def test_demo_run_without_data_writes_every_output(tmp_path, capsys, monkeypatch
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert {"loss", "lr", "samples_per_s", "epoch"} <= records[0].keys()
+
+
+def test_keep_checkpoints_keeps_a_copy_of_every_save(store, tmp_path):
+    """--keep-checkpoints: checkpoint_stepNNNNNNN.pt per save, loadable as models (analyze.py
+    takes several of one run); --overwrite counts them as train.py's own outputs."""
+    out = tmp_path / "run"
+    run(store, "--out", out, "--max-steps", 4, "--save-every", 2, "--batch-size", 4,
+        "--keep-checkpoints", *TINY)
+    kept = sorted(p.name for p in out.glob("checkpoint_step*.pt"))
+    assert kept == ["checkpoint_step0000002.pt", "checkpoint_step0000004.pt"]
+    final = checkpoints.load_pretrained(out / "checkpoint.pt")
+    last = checkpoints.load_pretrained(out / kept[-1])
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), last.state_dict().values()))
+    run(store, "--out", out, "--max-steps", 3, "--save-every", 3, "--batch-size", 4, "--overwrite", *TINY)
+    assert not (out / kept[-1]).exists()
