@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import time
@@ -59,6 +58,7 @@ import checkpoints
 import data
 import files
 import mae
+import training
 
 MASK_STREAM = 0x6D61736B  # keeps the mask noise apart from data.py's crop randomness
 CHECKPOINT = "checkpoint.pt"
@@ -85,24 +85,6 @@ def model_overrides(items: tuple[str, ...]) -> dict:
         return mae.parse_overrides(items)
     except ValueError as error:
         raise click.BadParameter(str(error)) from error
-
-
-def setup_device(device: torch.device) -> tuple[torch.device, int, int]:
-    """This process's device and (rank, world size); started by torchrun, it joins the process
-    group and takes CUDA device LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank if world > 1 or device.index is None else device.index)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        if device.type == "xla":
-            import torch_xla.distributed.xla_backend  # noqa: F401 - registers the "xla" backend
-            dist.init_process_group("xla", init_method="xla://")
-        else:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
 
 
 def open_store(paths: tuple[str, ...], cache_dir: Path, workers: int) -> data.FeatureStore:
@@ -151,14 +133,6 @@ def check_enough_clips(clips: int, world: int, batch_size: int, accum_steps: int
         f"{clips} clips over {world} process{'es' * (world != 1)} do not fill one optimizer step "
         f"of batch {batch_size} x {accum_steps} accumulation step{'s' * (accum_steps != 1)}: "
         f"{advice}")
-
-
-def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
-    """Linear warm-up to `peak` over `warmup` steps, then half a cosine down to 0 at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------- data
@@ -264,50 +238,7 @@ def as_stored(value):
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def rng_states() -> dict:
-    """Global generator states as tensors and plain containers (torch.load(weights_only=True))."""
-    numpy_state = np.random.get_state()
-    states = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                  numpy=[numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
-                         *numpy_state[2:]])
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def to_cpu(state):
-    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    if isinstance(state, dict):
-        return {key: to_cpu(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(to_cpu(value) for value in state)
-    return state
-
-
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    state = to_cpu(checkpoint)
-    files.atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop the lines logged after `step` (by a run that died after its last checkpoint)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        files.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{x}\n" for x in lines)))
-
+# ----------------------------------------------------------------------------- figures
 
 def save_reconstruction(model: mae.MAE, x: torch.Tensor, noise: torch.Tensor, path: Path,
                         title: str) -> None:
@@ -335,47 +266,6 @@ def save_reconstruction(model: mae.MAE, x: torch.Tensor, noise: torch.Tensor, pa
     axes[0].set_ylabel("mel bin")
     figure.suptitle(title)
     files.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
-
-
-# ----------------------------------------------------------------------------- distributed
-
-@contextlib.contextmanager
-def stop_requests():
-    """While active, SIGINT and SIGTERM only append their number to the yielded list (the
-    loop then stops after the current step with a checkpoint). A second SIGINT acts as usual
-    (Ctrl-C twice interrupts at once); further SIGTERMs are ignored, as a job's processes
-    often get several (from the scheduler and from torchrun, which forwards its own).
-    Handlers are restored on exit."""
-    received, previous = [], {}
-
-    def request_stop(signum, frame):
-        received.append(signum)
-        if signum == signal.SIGINT:
-            signal.signal(signum, previous.get(signum, signal.SIG_DFL))
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, request_stop)
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def any_process(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is true in any process (so that all of them stop at the same step)."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def mean_over_processes(value: torch.Tensor) -> float:
-    if dist.is_initialized():
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value.item()
 
 
 # ----------------------------------------------------------------------------- command
@@ -448,7 +338,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
     except (TypeError, ValueError) as error:
         raise click.BadParameter(str(error), param_hint="--set") from None
 
-    device, rank, world = setup_device(device)
+    device, rank, world = training.setup_device(device)
     master = rank == 0
     logging.basicConfig(level=logging.INFO if master else logging.ERROR, format="%(message)s")
     echo = click.echo if master else (lambda *args, **kwargs: None)
@@ -507,7 +397,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
                          "store its run's settings: they are not checked")
                 model.load_state_dict(checkpoint["model"])
                 step = saved_step = int(checkpoint["step"])
-                set_rng_states(checkpoint["rng"])
+                training.set_rng_states(checkpoint["rng"])
             echo(f"resuming {checkpoint_path} at step {step}")
         if precision == "auto":
             precision = "fp32" if device.type == "cpu" else "bf16"
@@ -525,7 +415,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
 
         # ------------------------------------------------------------------ outputs
         if master:
-            keep_metrics_until(out / METRICS, step)
+            training.keep_metrics_until(out / METRICS, step)
         dataset.set_epoch(0)
         first_crop, _ = dataset[0]  # clip 0, shown in every figure
         example = first_crop[None].to(device, dtype)
@@ -540,10 +430,10 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
             checkpoint = dict(
                 config=cfg.to_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
                 scheduler=dict(peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps),
-                step=step, rng=rng_states(), options=options, settings=settings,
+                step=step, rng=training.rng_states(), options=options, settings=settings,
                 data=dict(epoch=step // steps_per_epoch,
                           micro_batch=step % steps_per_epoch * accum_steps, seed=seed, **layout))
-            save_checkpoint(checkpoint_path, checkpoint)
+            training.save_checkpoint(checkpoint_path, checkpoint)
             if keep_checkpoints:  # a copy per save, e.g. for analyze.py over pretraining
                 kept = out / f"checkpoint_step{step:07d}.pt"
                 files.atomic_write(kept, lambda tmp: shutil.copyfile(checkpoint_path, tmp))
@@ -558,10 +448,10 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
         progress = tqdm(total=total_steps, initial=step, unit="step", disable=not master,
                         dynamic_ncols=True)
         loss_sum, logged_steps, log_time = torch.zeros((), device=device), 0, time.perf_counter()
-        with stop_requests() as signals, open(os.devnull if not master else
+        with training.stop_requests() as signals, open(os.devnull if not master else
                                               out / METRICS, "a") as metrics:
             while step < end:
-                lr = learning_rate(step, peak_lr, warmup_steps, total_steps)
+                lr = training.learning_rate(step, peak_lr, warmup_steps, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 for micro in range(accum_steps):
@@ -582,10 +472,10 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
                 logged_steps += 1
                 progress.update()
 
-                stop = any_process(bool(signals), device)
+                stop = training.any_process(bool(signals), device)
                 checkpoint_due = step % save_every == 0 or step == end or stop
                 if step % log_every == 0 or checkpoint_due:
-                    mean_loss = mean_over_processes(loss_sum) / logged_steps
+                    mean_loss = training.mean_over_processes(loss_sum) / logged_steps
                     if not math.isfinite(mean_loss):
                         kept = (f"the last good checkpoint (step {saved_step}) stays in "
                                 f"{checkpoint_path}" if saved_step else "no checkpoint was written")

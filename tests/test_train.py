@@ -20,6 +20,7 @@ import checkpoints
 import data
 import mae
 import train
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "depth=1", "--set", "decoder_depth=1", "--set", "decoder_dim=64",
@@ -60,7 +61,7 @@ def max_difference(a: Path, b: Path) -> float:
 
 def test_schedule_warms_up_linearly_then_decays_to_zero():
     peak, warmup, total = 1e-3, 10, 110
-    lrs = [train.learning_rate(step, peak, warmup, total) for step in range(total + 1)]
+    lrs = [training.learning_rate(step, peak, warmup, total) for step in range(total + 1)]
     assert lrs[0] == pytest.approx(peak / warmup) and lrs[warmup - 1] == pytest.approx(peak)
     assert all(b > a for a, b in zip(lrs[:warmup], lrs[1:warmup]))
     assert lrs[warmup] == pytest.approx(peak) and lrs[60] == pytest.approx(peak / 2)
