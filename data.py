@@ -28,13 +28,19 @@ Pretraining data
         clip's index (batched: crops (B, 200, 80), indices (B,)); set_epoch(epoch).
     make_loader(dataset, batch_size, workers=0, seed=0, distributed=None, pin_memory=False)
         -> EpochLoader
-        Shuffled DataLoader (DistributedSampler, drop_last); call loader.set_epoch(epoch).
+        Shuffled DataLoader (DistributedSampler, drop_last); call loader.set_epoch(epoch),
+        or take loader.epoch_batches(epoch, start, stop) (what train.py does).
         Its workers leave SIGINT/SIGTERM to the main process (see EpochLoader).
+    crop_start(frames, crop_frames, seed, epoch, clip), normalized_crop(frames, mean, std,
+        crop_frames): the crop of a clip, shared with shards.py's tar shards.
     measure_crops_per_second(dataset, batch_size, workers, batches) -> float
+    loader_crops_per_second(loader, batches) -> float
 
 Command line: `python data.py prepare AUDIO_DIR... --out STORE [--workers N] [--shard-mb MB]`,
-`python data.py demo [--out STORE]`, `python data.py speed STORE [--workers N]...` (crops per
-second); errors a user can cause end with one line and a non-zero exit.
+`python data.py demo [--out STORE]`, `python data.py shards STORE_OR_AUDIO_DIRS... --out DIR`
+(webdataset tar shards for several hosts, see shards.py), `python data.py speed STORE
+[--shards SHARDS] [--workers N]...` (crops per second); errors a user can cause end with one
+line and a non-zero exit.
 
 Store format (directory)
 ------------------------
@@ -66,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -446,6 +453,23 @@ class FeatureStore:
 # ---------------------------------------------------------------------------
 
 
+def crop_start(frames: int, crop_frames: int, seed: int, epoch: int, clip: int) -> int:
+    """The first frame of the crop of a clip of `frames` frames: a function of (seed, epoch,
+    clip) only, so every reader of the clip (store or shards, any process) cuts the same crop."""
+    spare = max(frames - crop_frames, 0)
+    return int(np.random.default_rng([seed, epoch, clip]).integers(0, spare + 1))
+
+
+def normalized_crop(frames: np.ndarray, mean: float, std: float, crop_frames: int) -> torch.Tensor:
+    """float16 (<=crop_frames, 80) log-mel frames -> float32 (crop_frames, 80) standardised with
+    the whole clip's statistics, zero-padded at the end (the clip's mean level)."""
+    crop = np.zeros((crop_frames, audio.N_MELS), dtype=np.float32)  # the zeros are the padding
+    valid = crop[: len(frames)]
+    np.subtract(frames, mean, out=valid)
+    valid *= 1 / (std + audio.NORM_EPS)
+    return torch.from_numpy(crop)
+
+
 class CropDataset(Dataset):
     """Item i -> (a random `crop_frames` crop of clip i normalised with whole-clip statistics, i).
 
@@ -473,18 +497,19 @@ class CropDataset(Dataset):
 
     def crop_start(self, index: int) -> int:
         """The first frame of item `index`'s crop in the current epoch."""
-        spare = max(int(self.store.frames[index]) - self.crop_frames, 0)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return int(rng.integers(0, spare + 1))
+        return crop_start(int(self.store.frames[index]), self.crop_frames, self.seed, self.epoch,
+                          index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         start = self.crop_start(index)
         frames = self.store.log_mel(index, start, start + self.crop_frames)  # (<=crop, 80) f16
-        crop = np.zeros((self.crop_frames, audio.N_MELS), dtype=np.float32)  # the zeros are the padding
-        valid = crop[: len(frames)]
-        np.subtract(frames, self.store.means[index], out=valid)
-        valid *= 1 / (self.store.stds[index] + audio.NORM_EPS)
-        return torch.from_numpy(crop), index  # (crop_frames, 80), clip index
+        crop = normalized_crop(frames, self.store.means[index], self.store.stds[index],
+                               self.crop_frames)
+        return crop, index  # (crop_frames, 80), clip index
+
+    def example(self) -> tuple[torch.Tensor, int]:
+        """(crop, clip) of the clip shown in train.py's figures: clip 0, current epoch."""
+        return self[0]
 
 
 class EpochLoader(DataLoader):
@@ -504,6 +529,12 @@ class EpochLoader(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
+
+    def epoch_batches(self, epoch: int, start: int, stop: int) -> Iterator:
+        """Batches [start, stop) of `epoch` (a resumed epoch starts at `start`; the batches
+        before it are read and dropped, so the ones after it are those of the straight run)."""
+        self.set_epoch(epoch)
+        return itertools.islice(self, start, stop)
 
     def __iter__(self):
         if self.num_workers == 0:
@@ -709,14 +740,20 @@ def measure_crops_per_second(dataset: CropDataset, batch_size: int, workers: int
                              batches: int) -> float:
     """Crops per second delivered by make_loader(dataset, ...) over `batches` batches
     (after one warm-up batch, so worker start-up is not counted)."""
-    loader = make_loader(dataset, batch_size, workers=workers)
+    return loader_crops_per_second(make_loader(dataset, batch_size, workers=workers), batches)
+
+
+def loader_crops_per_second(loader: EpochLoader, batches: int) -> float:
+    """Crops per second delivered by any EpochLoader (store or shards) over `batches` batches,
+    after one warm-up batch."""
     epochs = math.ceil((batches + 1) / len(loader))
-    batch_stream = (batch for epoch in range(epochs) for batch in loader)
+    batch_stream = (batch for epoch in range(epochs)
+                    for batch in loader.epoch_batches(epoch, 0, len(loader)))
     next(batch_stream)
     start = time.perf_counter()
     for _ in range(batches):
         next(batch_stream)
-    return batches * batch_size / (time.perf_counter() - start)
+    return batches * loader.batch_size / (time.perf_counter() - start)
 
 
 @click.group()
@@ -731,7 +768,7 @@ def one_line_errors() -> Iterator[None]:
     click's one-line "Error: ..." and a non-zero exit, without a traceback."""
     try:
         yield
-    except (ValueError, OSError, audio.AudioError) as error:
+    except (ValueError, OSError, ImportError, audio.AudioError) as error:
         raise click.ClickException(str(error)) from None
 
 
@@ -766,6 +803,35 @@ def demo_command(out: str, clips: int, seconds: float, seed: int) -> None:
                f"{files.shown(out)} (not real audio)")
 
 
+@main.command("shards")
+@click.argument("inputs", metavar="STORE_OR_AUDIO_DIRS...", nargs=-1, required=True,
+                type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the shards and their index shards.json (new or empty).")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=128,
+              show_default=True, help="Size in MiB at which a new shard is started.")
+@click.option("--workers", type=click.IntRange(min=0), default=max(1, (os.cpu_count() or 1) - 1),
+              show_default=True, help="Processes computing log-mels when audio folders are given.")
+@click.option("--cache-dir", default="cache/stores", show_default=True,
+              type=click.Path(file_okay=False), help="Where audio folders are prepared into a store.")
+@click.option("--overwrite", is_flag=True, help="Replace the shards and index already in --out.")
+def shards_command(inputs: tuple[str, ...], out: str, shard_mb: float, workers: int,
+                   cache_dir: str, overwrite: bool) -> None:
+    """Write the clips of a store (or of audio folders, prepared into a store first) as
+    webdataset tar shards for multi-host pretraining (see shards.py)."""
+    import shards  # the command reaches shards.py, a library built on this module's
+    with one_line_errors():
+        store = open_or_prepare_store(inputs, cache_dir, workers)
+        try:
+            with files.OutputFolder(out, own=shards.own_files(out), overwrite=overwrite):
+                index = shards.write_shards(store, out, int(shard_mb * 2**20))
+        except files.OutputError as error:
+            raise click.ClickException(str(error)) from None
+    click.echo(f"shards: {counted(len(index['shards']), 'shard')} of "
+               f"{counted(index['clips'], 'clip')} ({index['hours']:.2f} h) in "
+               f"{files.shown(out)}, index {files.shown(Path(out) / shards.INDEX_NAME)}")
+
+
 @main.command("speed")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
@@ -775,15 +841,26 @@ def demo_command(out: str, clips: int, seconds: float, seed: int) -> None:
               help="DataLoader workers to measure (repeat the option for several).")
 @click.option("--batches", type=click.IntRange(min=1), default=50, show_default=True,
               help="Batches timed per worker count (after one warm-up batch).")
+@click.option("--shards", "shard_source", metavar="SHARDS",
+              help="Also measure these shards (a folder from `data.py shards`, or a URL or "
+                   "brace pattern) with the same settings.")
 def speed_command(store: str, batch_size: int, worker_counts: tuple[int, ...],
-                  batches: int) -> None:
-    """Measure random crops per second from STORE through the DataLoader."""
+                  batches: int, shard_source: str | None) -> None:
+    """Measure random crops per second from STORE (and from --shards) through the DataLoader."""
     with one_line_errors():
         dataset = CropDataset(FeatureStore(store))
         for workers in worker_counts:
             rate = measure_crops_per_second(dataset, batch_size, workers, batches)
-            click.echo(f"speed: {rate:,.0f} crops/s with {counted(workers, 'worker')} "
+            click.echo(f"speed: store {rate:,.0f} crops/s with {counted(workers, 'worker')} "
                        f"(batch {batch_size})")
+        if shard_source:
+            import shards  # the command reaches shards.py, a library built on this module's
+            shard_set = shards.open_shard_set([shard_source])
+            for workers in worker_counts:
+                loader = shards.make_shard_loader(shard_set, batch_size, workers, distributed=False)
+                rate = loader_crops_per_second(loader, batches)
+                click.echo(f"speed: shards {rate:,.0f} crops/s with "
+                           f"{counted(workers, 'worker')} (batch {batch_size})")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@
     PJRT_DEVICE=TPU python train.py STORE --device xla    # TPU through torch_xla
 
 DATA is audio folders (their log-mel is computed once into a feature store under --cache-dir,
-see data.py) or a store directory made by `python data.py prepare`. Without DATA the run uses
-the built-in DEMO set of synthetic sounds and small defaults.
+see data.py), a store directory made by `python data.py prepare`, or webdataset tar shards
+from `python data.py shards` for several hosts (see shards.py): their folder, or URLs and
+brace patterns (`/data/shards/{000000..000999}.tar`, `pipe:gcloud storage cat gs://b/{...}.tar`)
+with shards.json beside them. Without DATA the run uses the built-in DEMO set of synthetic
+sounds and small defaults.
 
 Recipe (paper defaults): AdamW, betas (0.9, 0.95), weight decay 0.05 except on biases, norms,
 tokens and position tables; lr = blr * global batch / 256 with global batch = batch size x
@@ -35,7 +38,6 @@ SIGINT/SIGTERM to the whole job (DataLoader workers leave them to the main proce
 torchrun all ranks stop at the same step): checkpoint, then exit 130/143.
 """
 import contextlib
-import itertools
 import json
 import logging
 import math
@@ -58,6 +60,7 @@ import checkpoints
 import data
 import files
 import mae
+import shards
 import training
 
 MASK_STREAM = 0x6D61736B  # keeps the mask noise apart from data.py's crop randomness
@@ -121,6 +124,27 @@ def no_clips_message(store: data.FeatureStore, paths: tuple[str, ...]) -> str:
     return f"no audio files found under {where}"
 
 
+class DataPath(click.Path):
+    """An existing path, or webdataset shard URLs / a brace pattern (shards.is_shard_url) as is."""
+
+    def convert(self, value, param, ctx):
+        return value if shards.is_shard_url(value) else super().convert(value, param, ctx)
+
+
+def open_shards(sources: tuple[str, ...], batch_size: int, accum_steps: int, workers: int,
+                seed: int, crop_frames: int, pin_memory: bool) -> shards.ShardLoader:
+    """The loader of shard DATA (see shards.py); problems are one-line errors."""
+    try:
+        loader = shards.make_shard_loader(shards.open_shard_set(sources), batch_size, workers,
+                                          seed, crop_frames, pin_memory=pin_memory)
+    except (ValueError, OSError, ImportError) as error:
+        raise click.ClickException(str(error)) from None
+    if len(loader) < accum_steps:
+        raise click.ClickException(f"the shards give {len(loader)} micro-batches per epoch, "
+                                   f"fewer than --accum-steps {accum_steps}")
+    return loader
+
+
 def check_enough_clips(clips: int, world: int, batch_size: int, accum_steps: int) -> None:
     """One optimizer step needs batch size x accumulation steps clips in every process."""
     per_process = clips // world
@@ -153,8 +177,7 @@ def micro_batches(loader: data.EpochLoader, seed: int, epoch: int, skip: int, pe
     The loader gives each crop's clip index with it (data.CropDataset), which the mask noise
     is drawn from."""
     while True:
-        loader.set_epoch(epoch)
-        for crops, clips in itertools.islice(loader, skip, per_epoch):
+        for crops, clips in loader.epoch_batches(epoch, skip, per_epoch):
             yield crops, mask_noise(clips, seed, epoch, num_patches)
         epoch, skip = epoch + 1, 0
 
@@ -271,7 +294,7 @@ def save_reconstruction(model: mae.MAE, x: torch.Tensor, noise: torch.Tensor, pa
 # ----------------------------------------------------------------------------- command
 
 @click.command(context_settings=dict(show_default=True))
-@click.argument("data_paths", metavar="[DATA|STORE]...", nargs=-1, type=click.Path(exists=True))
+@click.argument("data_paths", metavar="[DATA|STORE|SHARDS]...", nargs=-1, type=DataPath(exists=True))
 @click.option("--model", "model_name", default="mwmae-tiny", type=click.Choice(mae.PRESETS))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Model config override, e.g. --set depth=4 --set decoder_dim=256. "
@@ -316,7 +339,8 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
          accum_steps, blr, betas, weight_decay, warmup_epochs, warmup_steps, device,
          precision, workers, seed, log_every, save_every, keep_checkpoints, cache_dir, resume, overwrite):
     """Pretrain on the audio under DATA: folders (prepared once into a feature store under
-    --cache-dir) or a store from `python data.py prepare`. Without DATA: the built-in DEMO
+    --cache-dir), a store from `python data.py prepare`, or tar shards from `python data.py
+    shards` (their folder, or URLs / brace patterns; see shards.py). Without DATA: the built-in DEMO
     set of synthetic sounds with a small model, 300 steps (a few minutes on a laptop CPU).
 
     Several GPUs or nodes: torchrun --nproc_per_node N train.py ... (--batch-size is per
@@ -350,7 +374,9 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
         if demo:
             echo("DEMO: no DATA given, so training on the built-in set of SYNTHETIC sounds "
                  "(tones, chirps, noise, clicks), not real audio.")
-        store = open_store(data_paths, Path(cache_dir), workers)
+        shard_run = shards.is_shard_source(data_paths)
+        if not shard_run:
+            store = open_store(data_paths, Path(cache_dir), workers)
         torch.manual_seed(seed)
         checkpoint_path = out / CHECKPOINT
         checkpoint = None
@@ -358,10 +384,15 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
             checkpoint = read_run_checkpoint(checkpoint_path)
         elif resume:
             echo(f"--resume: no {checkpoint_path} yet, so starting a new run")
-        dataset = data.CropDataset(store, crop_frames=cfg.input_size[0], seed=seed)
-        check_enough_clips(len(dataset), world, batch_size, accum_steps)
-        loader = data.make_loader(dataset, batch_size, workers=workers, seed=seed,
-                                  pin_memory=device.type == "cuda")
+        if shard_run:
+            loader = open_shards(data_paths, batch_size, accum_steps, workers, seed,
+                                 cfg.input_size[0], pin_memory=device.type == "cuda")
+            dataset = loader.dataset
+        else:
+            dataset = data.CropDataset(store, crop_frames=cfg.input_size[0], seed=seed)
+            check_enough_clips(len(dataset), world, batch_size, accum_steps)
+            loader = data.make_loader(dataset, batch_size, workers=workers, seed=seed,
+                                      pin_memory=device.type == "cuda")
         steps_per_epoch = len(loader) // accum_steps
         global_batch = batch_size * accum_steps * world
         total_steps = max_steps or epochs * steps_per_epoch
@@ -380,6 +411,8 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
                         total_steps=total_steps, seed=seed)
         layout = dict(clips=len(dataset), global_batch=global_batch,
                       steps_per_epoch=steps_per_epoch)
+        if shard_run:  # the shard order depends on the readers (processes x workers)
+            layout["shard_readers"] = world * dataset.workers
 
         # ------------------------------------------------------------------ model, optimizer
         model = mae.MAE(cfg)
@@ -417,9 +450,9 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
         if master:
             training.keep_metrics_until(out / METRICS, step)
         dataset.set_epoch(0)
-        first_crop, _ = dataset[0]  # clip 0, shown in every figure
+        first_crop, first_clip = dataset.example()  # shown in every figure
         example = first_crop[None].to(device, dtype)
-        example_noise = mask_noise(torch.tensor([0]), seed, 0, cfg.num_patches).to(device)
+        example_noise = mask_noise(torch.tensor([first_clip]), seed, 0, cfg.num_patches).to(device)
         echo(f"{model_name}: "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {device} "
              f"x {world}, {precision}; {len(dataset)} clips, "
