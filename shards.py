@@ -309,7 +309,8 @@ def read_shard(url: str, expected_clips: int) -> list[ShardClip]:
 
 
 def first_line(error: BaseException) -> str:
-    text = (str(error).strip().splitlines() or [""])[0]
+    """'Type: first line of the message', without the stream webdataset appends (' @ <...>')."""
+    text = (str(error).strip().splitlines() or [""])[0].split(" @ <")[0]
     return f"{type(error).__name__}: {text}"
 
 
