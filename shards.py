@@ -37,9 +37,11 @@ Readers are (rank, DataLoader worker) pairs, R = world size x max(1, workers). I
 shards are permuted by (seed, e) and dealt round-robin to the R readers; only whole rounds are
 dealt, so every reader gets N // R shards and the N % R left over (different ones every epoch)
 wait for a later epoch. A reader reads its shards in order, each shuffled by (seed, e, shard),
-and yields exactly `batches_per_reader` batches: the clips of its N // R smallest-possible
-shards, rounded down to whole batches (the same count in every epoch and every reader, as DDP
-needs). A process's DataLoader takes one batch from each of its workers in turn.
+and yields exactly `batches_per_reader` batches: as many whole batches as the N // R smallest
+shards of the index hold, so the same count in every epoch and every reader (DDP needs every
+process to take the same number of steps); the few clips over it are dropped for that epoch.
+A process's DataLoader takes one batch from each of its workers in turn. Memory: each reader
+holds one shard (about --shard-mb, twice while decoding) to shuffle it.
 Same for any world size: which clips exist, each clip's crop and mask noise, each shard's
 in-shard order. Not the same when world size x workers changes: which clips share a batch,
 the batch order, which shards wait for the next epoch, and the epoch length. So --resume needs
@@ -175,9 +177,9 @@ class ShardSet:
 
 def is_shard_url(value: str) -> bool:
     """A webdataset URL or pattern rather than a local folder: `pipe:...`, `scheme://...`, or
-    a name holding `.tar` (`/data/shards/{000000..000999}.tar`)."""
-    return (value.startswith("pipe:") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value) is not None
-            or re.search(r"\.tar\b", value) is not None)
+    a name ending in `.tar` (`/data/shards/{000000..000999}.tar`)."""
+    return (value.startswith("pipe:") or value.endswith(".tar")
+            or re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value) is not None)
 
 
 def is_shard_folder(path: str | Path) -> bool:

@@ -167,6 +167,8 @@ def record_epochs(rank: int, shard_dir: str, out: str) -> None:
 
 
 def test_two_gloo_processes_with_two_workers_see_every_clip_once(shard_dir, tmp_path):
+    """A real 2-process gloo group (forked: seconds instead of a minute of re-imports), each
+    with 2 DataLoader workers: every clip once per epoch, each process its pure plan's shards."""
     torch.multiprocessing.start_processes(record_epochs, args=(str(shard_dir), str(tmp_path)),
                                           nprocs=2, start_method="fork")
     seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
