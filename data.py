@@ -460,9 +460,12 @@ def crop_start(frames: int, crop_frames: int, seed: int, epoch: int, clip: int) 
     return int(np.random.default_rng([seed, epoch, clip]).integers(0, spare + 1))
 
 
-def normalized_crop(frames: np.ndarray, mean: float, std: float, crop_frames: int) -> torch.Tensor:
+def normalized_crop(frames: np.ndarray, mean: np.float32, std: np.float32,
+                    crop_frames: int) -> torch.Tensor:
     """float16 (<=crop_frames, 80) log-mel frames -> float32 (crop_frames, 80) standardised with
-    the whole clip's statistics, zero-padded at the end (the clip's mean level)."""
+    the whole clip's statistics, zero-padded at the end (the clip's mean level). mean and std
+    are float32 scalars, as the store holds them (a Python float would make numpy subtract in
+    float16), so every caller gets the same bits."""
     crop = np.zeros((crop_frames, audio.N_MELS), dtype=np.float32)  # the zeros are the padding
     valid = crop[: len(frames)]
     np.subtract(frames, mean, out=valid)
