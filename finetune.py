@@ -75,6 +75,7 @@ CHECKPOINT, JOBS, BAD_FILES = "checkpoint.pt", "jobs.json", "bad_files.tsv"
 OUTPUTS = (CHECKPOINT, JOBS, "results.json", "results.md", BAD_FILES)
 AUGMENT_STREAM = 0x66696E65  # crops, masks and mixup: kept apart from other seeded streams
 ORDER_STREAM = 0x6F726465  # the clips of each epoch
+SUBSET_STREAM = 0x73756273  # the training clips kept by --max-train-clips
 LABELLED_FOLDS = 5
 
 
@@ -210,6 +211,14 @@ def epoch_order(clips: Clips, seed: int, fold: int, epoch: int, balanced: bool) 
     y = clips.y.numpy()
     weights = (y / np.maximum(y.sum(0), 1)).sum(1)
     return rng.choice(n, size=n, p=weights / weights.sum())
+
+
+def training_subset(rows: np.ndarray, fold: int, limit: int | None) -> np.ndarray:
+    """At most `limit` of a fold's training rows, drawn at random with a seed of the fold only,
+    so that every seed trains on the same clips."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng([SUBSET_STREAM, fold]).choice(rows, limit, replace=False))
 
 
 def test_chunks(clips: Clips, cfg: mae.MAEConfig):
@@ -416,7 +425,7 @@ def run_job(encoder: mae.MAE, task: Task, train: Clips, test: Clips, fold: int, 
     progress.close()
     probs = predict(model, test, recipe.batch_size, device, autocast, multiclass)
     scorer = evaluate.SceneScorer(task, test.y.numpy())
-    return {"scores": scorer.scores(probs), "train_loss": losses, "steps": total,
+    return {"scores": scorer.scores(probs), "train_loss": losses, "steps": total, "train_clips": len(train.x),
             "seconds": time.perf_counter() - start + (checkpoint or {}).get("seconds", 0.0)}
 
 
@@ -442,8 +451,9 @@ def results_markdown(results: dict) -> str:
     """The results as a short report (results.json has every number)."""
     ft = results["finetune"]
     mode = "linear probe (frozen encoder)" if ft["linear"] else "full fine-tuning"
+    subset = f" on at most {ft['max_train_clips']} training clips" if ft["max_train_clips"] else ""
     lines = [f"Model: {results['model_arg']} ({results['model']['source']}); {mode}, "
-             f"{ft['epochs']} epochs; {evaluate.counted(len(results['seeds']), 'seed')}; "
+             f"{ft['epochs']} epochs{subset}; {evaluate.counted(len(results['seeds']), 'seed')}; "
              "scores in %, mean ± 95% CI over seeds.", "",
              "| task | score | mean ± 95% CI | test folds | per fold (mean over seeds) | train s |",
              "|---|---|---|---|---|---|"]
@@ -568,6 +578,9 @@ def load_encoder(model_arg: str, overrides: tuple[str, ...]) -> tuple[mae.MAE, d
               "order, augmentation).")
 @click.option("--folds", type=click.IntRange(1), help="Evaluate only the first N test folds of a "
               "k-fold task, to save time (results.json and results.md name them). [default: all]")
+@click.option("--max-train-clips", type=click.IntRange(1), help="Train each job on at most N "
+              "clips of its training split, a random subset that is the same for every seed "
+              "(low-data fine-tuning, or a CPU budget; results.json records it). [default: all]")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Config override of a preset MODEL (random init), e.g. --set depth=1.")
 @click.option("--device", default="auto", type=mae.DeviceChoice(),
@@ -579,7 +592,7 @@ def load_encoder(model_arg: str, overrides: tuple[str, ...]) -> tuple[mae.MAE, d
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in --out.")
 def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, layer_decay, warmup,
          freeze_blocks, time_mask, freq_mask, mixup, label_smoothing, balanced, seeds, folds,
-         overrides, device, save_every, stop_at, resume, overwrite):
+         max_train_clips, overrides, device, save_every, stop_at, resume, overwrite):
     """Fine-tune MODEL (a model file, a bundled model's name or a preset: random init) on DATA,
     a HEAR scene task folder or a folder with one subfolder of audio per class (5 folds by a
     seeded shuffle). --linear trains a linear probe on the frozen encoder instead."""
@@ -597,7 +610,8 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
     device, rank, world = training.setup_device(device)
     echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
     settings = dict(model={key: identity[key] for key in ("weights_sha256", "config")},
-                    task=task.name, world=world, recipe=dataclasses.asdict(recipe))
+                    task=task.name, world=world, max_train_clips=max_train_clips,
+                    recipe=dataclasses.asdict(recipe))
     with contextlib.ExitStack() as held:
         held.callback(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
         if rank == 0:
@@ -626,8 +640,9 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
                 name = job_name(fold, seed)
                 if name in jobs:
                     continue
-                train, test = (subset(clips, np.flatnonzero(np.isin(split_of, splits[fold][part])),
-                                      f"{task.name} {part} {'+'.join(splits[fold][part])}")
+                rows = {part: np.flatnonzero(np.isin(split_of, splits[fold][part])) for part in ("train", "test")}
+                rows["train"] = training_subset(rows["train"], fold, max_train_clips)
+                train, test = (subset(clips, rows[part], f"{task.name} {part} {'+'.join(splits[fold][part])}")
                                for part in ("train", "test"))
                 if len(train.x) < batch_size * world:
                     raise click.ClickException(
@@ -652,7 +667,8 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
                     files.write_json(out / JOBS, dict(settings=settings, jobs=jobs))
                     (out / CHECKPOINT).unlink(missing_ok=True)  # its job is finished
         runs = summarize_runs(task, splits, seeds, jobs)
-        results = {"model_arg": model_arg, "model": identity, "finetune": settings["recipe"],
+        results = {"model_arg": model_arg, "model": identity,
+                   "finetune": dict(settings["recipe"], max_train_clips=max_train_clips),
                    "seeds": list(range(seeds)), "tasks": {task.name: {
                        "task_dir": str(task.root), "primary": task.primary_score,
                        "examples": len(items), "bad_files": bad,

@@ -235,6 +235,22 @@ def test_sigterm_checkpoints_and_resume_finishes(task, tmp_path):
     assert torch.load(out / finetune.CHECKPOINT, weights_only=True)["step"] == step + 1
 
 
+def test_two_processes_equal_one_at_the_same_global_batch(task, tmp_path):
+    """torchrun with 2 gloo processes x batch 2 = 1 process x batch 4: each process takes its
+    rows of the same global batch."""
+    common = [*FAST, "--epochs", "3", "--lr", "3e-3"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "finetune.py"), "mwmae-tiny", str(task), *common, "--batch-size", "2",
+                    "--out", str(tmp_path / "ddp")],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=240,
+                   capture_output=True)
+    run("mwmae-tiny", task, *common, "--batch-size", "4", "--out", tmp_path / "single")
+    ddp, single = jobs(tmp_path / "ddp")["fold0-seed0"], jobs(tmp_path / "single")["fold0-seed0"]
+    assert ddp["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
+    assert single["train_loss"][-1] != pytest.approx(single["train_loss"][0], abs=1e-3)
+    assert ddp["scores"] == pytest.approx(single["scores"], abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- bad input, folders
 
 def test_unknown_label_is_refused_before_training(tmp_path):
@@ -267,6 +283,17 @@ def test_labelled_folder_makes_five_seeded_folds(tmp_path):
     assert task.labels == sorted(TONES) and len(task.metadata["splits"]) == 5
     assert all(len(task.splits[f]) == 3 for f in task.metadata["splits"])  # one clip of each class
     assert finetune.labelled_folder_task(tmp_path / "data").splits == task.splits  # deterministic
-    run("mwmae-tiny", tmp_path / "data", "--out", tmp_path / "out", *FAST, "--epochs", "1")
+    run("mwmae-tiny", tmp_path / "data", "--out", tmp_path / "out", *FAST, "--epochs", "1", "--seeds", "2",
+        "--max-train-clips", "5")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["tasks"]["data"]["test_folds"] == ["fold00"] and results["tasks"]["data"]["all_folds"] == 5
+    assert [job["train_clips"] for job in jobs(tmp_path / "out").values()] == [5, 5]  # of 9
+
+
+def test_training_subset_is_the_same_for_every_seed():
+    rows = np.arange(100, 140)
+    subset = finetune.training_subset(rows, 0, 10)
+    assert len(set(subset)) == 10 and set(subset) <= set(rows)
+    assert np.array_equal(finetune.training_subset(rows, 0, 10), subset)
+    assert not np.array_equal(finetune.training_subset(rows, 1, 10), subset)
+    assert finetune.training_subset(rows, 0, None) is rows
