@@ -236,6 +236,9 @@ def test_chunks(clips: Clips, cfg: mae.MAEConfig):
 
 # ----------------------------------------------------------------------------- model
 
+DECODER = ("decoder_", "mask_token")  # MAE parts the classifier never uses
+
+
 class Classifier(nn.Module):
     """MAE encoder (no masking) -> frame embeddings mean-pooled over the frames from audio ->
     linear head. `linear`: the encoder is frozen and always in eval mode."""
@@ -266,9 +269,6 @@ class Classifier(nn.Module):
         return self.head(pooled)
 
 
-DECODER = ("decoder_", "mask_token")  # MAE parts the classifier never uses
-
-
 def layer_id(name: str, depth: int) -> int:
     """Depth of an encoder parameter: 0 patch embedding, CLS and positions; i + 1 block i;
     depth + 1 the final norm (and the head)."""
@@ -283,14 +283,11 @@ def param_groups(model: Classifier, weight_decay: float, layer_decay: float) -> 
     """AdamW groups of the trainable parameters by layer and decay: lr_scale = layer_decay^(depth
     + 1 - layer_id); no weight decay on biases, norms, tokens and position tables."""
     depth, groups = model.encoder.cfg.depth, {}
-    named = [(f"encoder.{n}", p) for n, p in model.encoder.named_parameters()] + \
-            [(f"head.{n}", p) for n, p in model.head.named_parameters()]
-    for name, param in named:
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        short = name.split(".", 1)[1]
-        layer = depth + 1 if name.startswith("head.") else layer_id(short, depth)
-        decay = not (param.ndim < 2 or short.rsplit(".", 1)[-1] in mae.NO_DECAY)
+        layer = layer_id(name.removeprefix("encoder."), depth)  # the head: depth + 1
+        decay = not (param.ndim < 2 or name.rsplit(".", 1)[-1] in mae.NO_DECAY)
         group = groups.setdefault((layer, decay), dict(
             params=[], weight_decay=weight_decay if decay else 0.0,
             lr_scale=layer_decay ** (depth + 1 - layer), layer=layer))
@@ -351,12 +348,24 @@ def job_name(fold: int, seed: int) -> str:
     return f"fold{fold}-seed{seed}"
 
 
+@dataclass
+class Context:
+    """Where and how jobs run."""
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    save_every: int
+    stop_at: int | None  # stop a job after this step (tests of --resume)
+    signals: list  # filled by training.stop_requests
+    echo: object  # click.echo on rank 0, silent elsewhere
+
+
 def run_job(encoder: mae.MAE, task: Task, train: Clips, test: Clips, fold: int, seed: int,
-            recipe: Recipe, ctx: dict) -> dict | None:
-    """Train and test one (fold, seed); None when stopped (signal or --stop-at) after saving
-    a checkpoint. ctx: device, rank, world, out, checkpoint (to resume or None), stop_at,
-    signals, save_every, echo."""
-    device, rank, world = ctx["device"], ctx["rank"], ctx["world"]
+            recipe: Recipe, ctx: Context, checkpoint: dict | None) -> dict | None:
+    """Train and test one (fold, seed), from its `checkpoint` if there is one. Returns its
+    results, or None when stopped (signal or --stop-at) after saving a checkpoint."""
+    device, rank, world = ctx.device, ctx.rank, ctx.world
     multiclass = task.prediction_type == "multiclass"
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(encoder), len(task.labels), recipe.linear,
@@ -367,14 +376,16 @@ def run_job(encoder: mae.MAE, task: Task, train: Clips, test: Clips, fold: int, 
     steps_per_epoch = len(train.x) // global_batch
     total = steps_per_epoch * recipe.epochs
     warmup = int(recipe.warmup * total)
-    step, losses, start = 0, [], time.perf_counter()
-    checkpoint = ctx["checkpoint"]
+    step, losses, epoch_loss = 0, [], torch.zeros((), device=device)  # epoch_loss: summed so far
+    start, seconds_before = time.perf_counter(), 0.0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, losses = int(checkpoint["step"]), list(checkpoint["losses"])
+        epoch_loss += checkpoint["epoch_loss"]
+        seconds_before = checkpoint["seconds"]
         training.set_rng_states(checkpoint["rng"])
-        ctx["echo"](f"{job_name(fold, seed)}: resuming at step {step} of {total}")
+        ctx.echo(f"{job_name(fold, seed)}: resuming at step {step} of {total}")
     train_model = model
     if world > 1:
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -382,12 +393,11 @@ def run_job(encoder: mae.MAE, task: Task, train: Clips, test: Clips, fold: int, 
 
     def save() -> None:
         if rank == 0:
-            training.save_checkpoint(ctx["out"] / CHECKPOINT, dict(
+            training.save_checkpoint(ctx.out / CHECKPOINT, dict(
                 job=job_name(fold, seed), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                step=step, losses=losses, rng=training.rng_states(),
-                seconds=time.perf_counter() - start + (checkpoint or {}).get("seconds", 0.0)))
+                step=step, losses=losses, epoch_loss=epoch_loss, rng=training.rng_states(),
+                seconds=seconds_before + time.perf_counter() - start))
 
-    epoch_loss = torch.zeros((), device=device)
     progress = tqdm(total=total, initial=step, desc=job_name(fold, seed), unit="step",
                     disable=rank != 0, leave=False)
     while step < total:
@@ -414,8 +424,11 @@ def run_job(encoder: mae.MAE, task: Task, train: Clips, test: Clips, fold: int, 
             losses.append(training.mean_over_processes(epoch_loss) / steps_per_epoch)
             epoch_loss.zero_()
             progress.set_postfix(loss=f"{losses[-1]:.4f}")
-        stop = training.any_process(bool(ctx["signals"]), device) or step == ctx["stop_at"]
-        if stop or step % ctx["save_every"] == 0 and step < total:
+            if not math.isfinite(losses[-1]):
+                raise click.ClickException(f"{job_name(fold, seed)}: the training loss is {losses[-1]} "
+                                           f"in epoch {len(losses)}: lower --lr or check the data")
+        stop = training.any_process(bool(ctx.signals), device) or step == ctx.stop_at
+        if stop or step % ctx.save_every == 0 and step < total:
             save()
         if stop and step < total:
             progress.close()
@@ -426,7 +439,7 @@ def run_job(encoder: mae.MAE, task: Task, train: Clips, test: Clips, fold: int, 
     probs = predict(model, test, recipe.batch_size, device, autocast, multiclass)
     scorer = evaluate.SceneScorer(task, test.y.numpy())
     return {"scores": scorer.scores(probs), "train_loss": losses, "steps": total, "train_clips": len(train.x),
-            "seconds": time.perf_counter() - start + (checkpoint or {}).get("seconds", 0.0)}
+            "seconds": seconds_before + time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------- results
@@ -633,6 +646,7 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
         if rank == 0:  # the settings, so that a resumed run is checked against them
             files.write_json(out / JOBS, dict(settings=settings, jobs=jobs))
         with training.stop_requests() as signals:
+            context = Context(device, rank, world, out, save_every, stop_at, signals, echo)
             echo(f"{task.name}: {len(task.labels)} labels, {len(items)} clips, "
                  f"{'linear probe' if linear else 'full fine-tuning'}, {len(todo)} (fold, seed) jobs "
                  f"({len(todo) - sum(job_name(*j) in jobs for j in todo)} to run) on {device} x {world}")
@@ -648,10 +662,8 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
                     raise click.ClickException(
                         f"{name}: {len(train.x)} training clips do not fill one batch of "
                         f"{batch_size} x {world} process(es): lower --batch-size")
-                ctx = dict(device=device, rank=rank, world=world, out=out, stop_at=stop_at,
-                           signals=signals, save_every=save_every, echo=echo,
-                           checkpoint=read_job_checkpoint(out, name) if resume else None)
-                result = run_job(encoder, task, train, test, fold, seed, recipe, ctx)
+                checkpoint = read_job_checkpoint(out, name) if resume else None
+                result = run_job(encoder, task, train, test, fold, seed, recipe, context, checkpoint)
                 if result is None:
                     signum = signals[0] if signals else None
                     echo(f"stopped{f' by {signal.Signals(signum).name}' if signum else ''} in {name}; "

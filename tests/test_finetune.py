@@ -197,7 +197,9 @@ def test_linear_leaves_the_encoder_bit_identical(task, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 def test_resume_equals_an_uninterrupted_run(task, tmp_path):
-    common = ["mwmae-tiny", task, *FAST, "--seeds", "2", "--epochs", "3", "--save-every", "100"]
+    """Stops inside an epoch (3 steps each) of the first job, then of the second."""
+    common = ["mwmae-tiny", task, *FAST, "--batch-size", "2", "--seeds", "2", "--epochs", "3",
+              "--save-every", "100"]
     run(*common, "--out", tmp_path / "whole")
     out = tmp_path / "split"
     run(*common, "--out", out, "--stop-at", "2")
