@@ -514,13 +514,18 @@ def read_jobs(out: Path, settings: dict, resume: bool) -> dict:
     path = out / JOBS
     if not (resume and path.is_file()):
         return {}
-    stored = json.loads(files.read_text(path))
-    changed = [f"{key} {settings[key]!r} (stored {stored['settings'].get(key)!r})"
-               for key in settings if json.loads(json.dumps(settings[key])) != stored["settings"].get(key)]
+    try:
+        stored = json.loads(files.read_text(path))
+        stored_settings, jobs = stored["settings"], stored["jobs"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise click.ClickException(f"cannot resume: {files.shown(path)} is not readable "
+                                   f"({type(error).__name__}); --overwrite starts again") from None
+    changed = [f"{key} {value!r} (stored {stored_settings.get(key)!r})" for key, value in settings.items()
+               if json.loads(json.dumps(value)) != stored_settings.get(key)]
     if changed:
         raise click.ClickException(f"cannot resume {files.shown(out)} with other settings: "
                                    f"{'; '.join(changed)}. Give the stored values, or --overwrite")
-    return stored["jobs"]
+    return jobs
 
 
 def read_job_checkpoint(out: Path, name: str) -> dict | None:
@@ -567,8 +572,8 @@ def load_encoder(model_arg: str, overrides: tuple[str, ...]) -> tuple[mae.MAE, d
               "only the linear head trains.")
 @click.option("--epochs", default=10, type=click.IntRange(1), help="Epochs per (fold, seed) job.")
 @click.option("--batch-size", default=32, type=click.IntRange(1), help="Clips per step and process.")
-@click.option("--lr", type=click.FloatRange(0), help="Peak learning rate (of the head and the last "
-              "block). [default: 5e-4; --linear 5e-3]")
+@click.option("--lr", type=click.FloatRange(0), help="Peak learning rate of the head and the final "
+              "norm (blocks: see --layer-decay). [default: 5e-4; --linear 5e-3]")
 @click.option("--weight-decay", default=0.05, type=click.FloatRange(0), help="AdamW weight decay "
               "(not on biases, norms, tokens, positions).")
 @click.option("--layer-decay", default=0.75, type=click.FloatRange(0, 1, min_open=True),
@@ -608,7 +613,11 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
          max_train_clips, overrides, device, save_every, stop_at, resume, overwrite):
     """Fine-tune MODEL (a model file, a bundled model's name or a preset: random init) on DATA,
     a HEAR scene task folder or a folder with one subfolder of audio per class (5 folds by a
-    seeded shuffle). --linear trains a linear probe on the frozen encoder instead."""
+    seeded shuffle). --linear trains a linear probe on the frozen encoder instead.
+
+    One job per (test fold, seed); results in OUT/results.json and OUT/results.md (mean and
+    95% CI over seeds; `python evaluate.py score` reads them). Ctrl-C or SIGTERM writes a
+    checkpoint of the running job: the same command with --resume continues exactly."""
     try:
         task, paths = read_task(data)
     except (ValueError, OSError) as error:

@@ -43,13 +43,15 @@ def tone(freq: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
     return (wave + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def write_task(root: Path, per_class: int = 2, label_of=lambda label: label) -> Path:
-    """A 3-fold HEAR task of tones, `per_class` clips per class and fold (0.5 s and 2.5 s)."""
+def write_task(root: Path, per_class: int = 2, label_of=lambda label: label, multilabel: bool = False) -> Path:
+    """A 3-fold HEAR task of tones, `per_class` clips per class and fold (0.5 s and 2.5 s);
+    multilabel: the high tones also carry the label "mid"."""
     rng = np.random.default_rng(0)
     folds = ["fold00", "fold01", "fold02"]
     root.mkdir(parents=True)
-    meta = {"task_name": root.name, "embedding_type": "scene", "prediction_type": "multiclass",
-            "split_mode": "new_split_kfold", "evaluation": ["top1_acc", "mAP"], "splits": folds}
+    meta = {"task_name": root.name, "embedding_type": "scene",
+            "prediction_type": "multilabel" if multilabel else "multiclass", "split_mode": "new_split_kfold",
+            "evaluation": ["mAP"] if multilabel else ["top1_acc", "mAP"], "splits": folds}
     (root / "task_metadata.json").write_text(json.dumps(meta))
     (root / "labelvocabulary.csv").write_text("idx,label\n" + "".join(f"{i},{l}\n" for i, l in enumerate(TONES)))
     for fold in folds:
@@ -59,7 +61,7 @@ def write_task(root: Path, per_class: int = 2, label_of=lambda label: label) -> 
             for i in range(per_class):
                 name = f"{label}_{i}.wav"
                 sf.write(root / "16000" / fold / name, tone(freq, 0.5 if i % 2 else 2.5, rng), RATE)
-                labels[name] = [label_of(label)]
+                labels[name] = [label_of(label)] + (["mid"] if multilabel and label == "high" else [])
         (root / f"{fold}.json").write_text(json.dumps(labels))
     return root
 
@@ -254,6 +256,18 @@ def test_two_processes_equal_one_at_the_same_global_batch(task, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input, folders
+
+def test_multilabel_task_with_balanced_sampling(tmp_path):
+    """BCE on multi-hot targets, balanced draws (clips with rare labels come more often), mAP."""
+    task = write_task(tmp_path / "multi", multilabel=True)
+    clips = finetune.Clips([torch.zeros(200, 80)] * 3, [50] * 3, torch.tensor([[1., 0.], [1., 0.], [0., 1.]]))
+    draws = np.concatenate([finetune.epoch_order(clips, 0, 0, epoch, balanced=True) for epoch in range(200)])
+    assert np.mean(draws == 2) == pytest.approx(0.5, abs=0.05)  # 1 clip of label 1 = 2 clips of label 0
+    out = tmp_path / "out"
+    run("mwmae-tiny", task, "--out", out, *FAST, "--batch-size", "2", "--epochs", "3", "--balanced")
+    entry = json.loads((out / "results.json").read_text())["tasks"]["multi"]
+    assert entry["primary"] == "mAP" and 0 < entry["scores"]["mAP"]["mean"] <= 1
+
 
 def test_unknown_label_is_refused_before_training(tmp_path):
     task = write_task(tmp_path / "bad", per_class=1, label_of=lambda label: "piano" if label == "mid" else label)
