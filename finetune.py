@@ -13,8 +13,10 @@ by a seeded shuffle of each class's files (fold i takes every 5th file from posi
 
 Model: the MAE encoder without masking (MAE.forward_features, as embed.py uses it), its frame
 embeddings mean-pooled over the frames that come from the audio, then one linear layer.
---linear freezes the encoder (eval mode, no gradients, not in the optimizer); otherwise every
-encoder parameter trains except the patch embedding and the first --freeze-blocks blocks.
+--linear freezes the encoder (eval mode, no gradients, not in the optimizer) and standardises
+the pooled features with a BatchNorm without affine parameters (MAE's linear probe); otherwise
+every encoder parameter trains except, with --freeze-blocks K, the patch embedding and the
+first K blocks.
 
 Input: the log-mel exactly as the embeddings see it (audio.load_audio, audio.LogMel, whole-clip
 audio.normalize, the last chunk reflect-padded; see embed.py). Training: a random 2-s crop per
@@ -35,7 +37,9 @@ over seeds (evaluate.summarize), in results.json as evaluate.py writes it, so th
 
 Exactness: the clips of a step, their crops, masks and mixup depend only on (seed, fold, step),
 and every process builds the same global batch and takes its own rows, so a resumed job
-continues bit for bit. Outputs in --out: checkpoint.pt (the running job: weights, optimizer,
+continues bit for bit and fine-tuning with N processes computes what one process does with
+the same global batch (tested with 2 gloo processes). --linear under DDP: SyncBatchNorm on
+CUDA; on CPU (gloo, no SyncBatchNorm) each process normalises with its own rows' statistics. Outputs in --out: checkpoint.pt (the running job: weights, optimizer,
 step, RNG states; atomic; torch.load(weights_only=True)), jobs.json (finished jobs), results.json,
 results.md, bad_files.tsv (clips that could not be read, skipped). SIGINT/SIGTERM: checkpoint,
 exit 130/143; the same command with --resume continues (finished jobs are kept; --seeds and
@@ -241,12 +245,17 @@ DECODER = ("decoder_", "mask_token")  # MAE parts the classifier never uses
 
 class Classifier(nn.Module):
     """MAE encoder (no masking) -> frame embeddings mean-pooled over the frames from audio ->
-    linear head. `linear`: the encoder is frozen and always in eval mode."""
+    linear head. `linear`: the encoder is frozen and always in eval mode, and the pooled
+    features are standardised by a BatchNorm without affine parameters, as in MAE's linear
+    probe (the clips' pooled features differ little from each other: without it a linear
+    head learns slowly)."""
 
     def __init__(self, encoder: mae.MAE, labels: int, linear: bool, freeze_blocks: int = 0):
         super().__init__()
         self.encoder, self.linear = encoder, linear
-        self.head = nn.Linear(encoder.cfg.embedding_size, labels)
+        size = encoder.cfg.embedding_size
+        self.feature_norm = nn.BatchNorm1d(size, affine=False) if linear else nn.Identity()
+        self.head = nn.Linear(size, labels)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
         for name, param in encoder.named_parameters():
@@ -266,7 +275,7 @@ class Classifier(nn.Module):
             frames = self.encoder.forward_features(x)  # (B, 50, 5 * dim)
         weights = keep.to(frames.dtype)[..., None]
         pooled = (frames * weights).sum(1) / weights.sum(1)
-        return self.head(pooled)
+        return self.head(self.feature_norm(pooled))
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -387,7 +396,9 @@ def run_job(encoder: mae.MAE, task: Task, train: Clips, test: Clips, fold: int, 
         training.set_rng_states(checkpoint["rng"])
         ctx.echo(f"{job_name(fold, seed)}: resuming at step {step} of {total}")
     train_model = model
-    if world > 1:
+    if world > 1:  # --linear on CUDA: BatchNorm statistics of the global batch
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu")
 

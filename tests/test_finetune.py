@@ -193,6 +193,7 @@ def test_linear_leaves_the_encoder_bit_identical(task, tmp_path):
         encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
         same = all(torch.equal(encoder[k], start[k]) for k in start)
         assert same == (mode == "linear"), mode
+        assert ("feature_norm.running_mean" in state["model"]) == (mode == "linear")  # MAE's probe head
         assert not torch.equal(state["model"]["head.weight"].abs().sum(), torch.tensor(0.0))
 
 
