@@ -94,9 +94,9 @@ def labelled_folder_task(root: Path) -> Task:
                          "nor a labelled folder (at least two class subfolders)")
     folds = [f"fold{i:02d}" for i in range(LABELLED_FOLDS)]
     splits = {fold: {} for fold in folds}
-    rng = random.Random(0)
+    rng, base = random.Random(0), audio.absolute(root)  # find_files gives absolute paths
     for label in classes:
-        names = [str(Path(path).relative_to(root)) for path in audio.find_files([root / label])]
+        names = [str(Path(path).relative_to(base)) for path in audio.find_files([root / label])]
         rng.shuffle(names)
         for i, name in enumerate(names):
             splits[folds[i % LABELLED_FOLDS]][name] = [label]
