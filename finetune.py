@@ -157,6 +157,13 @@ def load_clips(items: list[tuple[str, str]], paths: dict, task: Task, cfg: mae.M
     return Clips(xs, frames, torch.from_numpy(task.targets(kept))), kept
 
 
+def subset(clips: Clips, rows: np.ndarray, what: str) -> Clips:
+    """The clips of `rows`; none is a one-line error naming `what`."""
+    if len(rows) == 0:
+        raise click.ClickException(f"{what}: no readable clips")
+    return Clips([clips.x[i] for i in rows], [clips.frames[i] for i in rows], clips.y[torch.from_numpy(rows)])
+
+
 @dataclass
 class Augment:
     time_mask: int  # widest time mask, mel frames (0: none)
@@ -471,6 +478,16 @@ def summarize_runs(task: Task, splits: list[dict], seeds: int, jobs: dict) -> li
     return runs
 
 
+def task_results(task: Task, splits: list[dict], seeds: int, jobs: dict, examples: int,
+                 bad: dict[str, str]) -> dict:
+    """A task's entry of results.json, as evaluate.py writes it (plus the folds tested)."""
+    runs = summarize_runs(task, splits, seeds, jobs)
+    return {"task_dir": str(task.root), "primary": task.primary_score, "examples": examples,
+            "bad_files": bad, "test_folds": ["+".join(split["test"]) for split in splits],
+            "all_folds": len(data_splits(task.metadata)),
+            "scores": evaluate.summarize(runs, task.metadata["evaluation"]), "runs": runs}
+
+
 def results_markdown(results: dict) -> str:
     """The results as a short report (results.json has every number)."""
     ft = results["finetune"]
@@ -698,25 +715,14 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
                 if rank == 0:
                     files.write_json(out / JOBS, dict(settings=settings, jobs=jobs))
                     (out / CHECKPOINT).unlink(missing_ok=True)  # its job is finished
-        runs = summarize_runs(task, splits, seeds, jobs)
         results = {"model_arg": model_arg, "model": identity,
                    "finetune": dict(settings["recipe"], max_train_clips=max_train_clips),
-                   "seeds": list(range(seeds)), "tasks": {task.name: {
-                       "task_dir": str(task.root), "primary": task.primary_score,
-                       "examples": len(items), "bad_files": bad,
-                       "test_folds": ["+".join(split["test"]) for split in splits],
-                       "all_folds": len(data_splits(task.metadata)),
-                       "scores": evaluate.summarize(runs, task.metadata["evaluation"]), "runs": runs}}}
+                   "seeds": list(range(seeds)),
+                   "tasks": {task.name: task_results(task, splits, seeds, jobs, len(items), bad)}}
         if rank == 0:
             write_results(out, results)
         echo(results_markdown(results))
         echo(f"written: {files.shown(out / 'results.json')}, {files.shown(out / 'results.md')}")
-
-
-def subset(clips: Clips, rows: np.ndarray, what: str) -> Clips:
-    if len(rows) == 0:
-        raise click.ClickException(f"{what}: no readable clips")
-    return Clips([clips.x[i] for i in rows], [clips.frames[i] for i in rows], clips.y[torch.from_numpy(rows)])
 
 
 if __name__ == "__main__":
