@@ -232,6 +232,18 @@ def training_subset(rows: np.ndarray, fold: int, limit: int | None) -> np.ndarra
     return np.sort(np.random.default_rng([SUBSET_STREAM, fold]).choice(rows, limit, replace=False))
 
 
+def fold_items(items: list[tuple[str, str]], splits: list[dict], limit: int | None) -> list[dict]:
+    """Per test fold, its (split, file) items to train on (at most `limit`, see
+    training_subset) and to test on. Only these clips are read, so a small --max-train-clips
+    also saves the reading."""
+    folds = []
+    for fold, split in enumerate(splits):
+        parts = {part: [item for item in items if item[0] in split[part]] for part in ("train", "test")}
+        keep = training_subset(np.arange(len(parts["train"])), fold, limit)
+        folds.append(dict(train=[parts["train"][i] for i in keep], test=parts["test"]))
+    return folds
+
+
 def test_chunks(clips: Clips, cfg: mae.MAEConfig):
     """Every chunk of every clip -> (chunks (N, 200, 80), keep (N, 50), clip index (N,))."""
     chunk, per_chunk = cfg.input_size[0], cfg.grid[0]
@@ -668,9 +680,11 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
             held.enter_context(claim_output(out, resume, overwrite))
         jobs = read_jobs(out, settings, resume)
         bad: dict[str, str] = {}
-        needed = sorted({name for split in splits for part in ("train", "test") for name in split[part]})
-        clips, items = load_clips([item for item in task.items() if item[0] in needed], paths, task,
+        fold_parts = fold_items(task.items(), splits, max_train_clips)
+        wanted = {item for parts in fold_parts for part in parts.values() for item in part}
+        clips, items = load_clips([item for item in task.items() if item in wanted], paths, task,
                                   encoder.cfg, bad)
+        row_of = {item: row for row, item in enumerate(items)}  # readable clips only
         if rank == 0:
             embed.write_bad_files(out / BAD_FILES, bad)
         for path, reason in list(bad.items())[:10]:
@@ -678,7 +692,6 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
         if bad:
             echo(f"{evaluate.counted(len(bad), 'clip')} skipped, listed in {files.shown(out / BAD_FILES)}",
                  err=True)
-        split_of = np.array([split for split, _ in items])
         todo = [(fold, seed) for seed in range(seeds) for fold in range(len(splits))]
         if rank == 0:  # the settings, so that a resumed run is checked against them
             files.write_json(out / JOBS, dict(settings=settings, jobs=jobs))
@@ -691,8 +704,8 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
                 name = job_name(fold, seed)
                 if name in jobs:
                     continue
-                rows = {part: np.flatnonzero(np.isin(split_of, splits[fold][part])) for part in ("train", "test")}
-                rows["train"] = training_subset(rows["train"], fold, max_train_clips)
+                rows = {part: np.array([row_of[item] for item in fold_parts[fold][part] if item in row_of],
+                                       dtype=np.int64) for part in ("train", "test")}
                 train, test = (subset(clips, rows[part], f"{task.name} {part} {'+'.join(splits[fold][part])}")
                                for part in ("train", "test"))
                 if len(train.x) < batch_size * world:

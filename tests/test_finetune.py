@@ -305,7 +305,8 @@ def test_labelled_folder_makes_five_seeded_folds(tmp_path, monkeypatch):
         "--max-train-clips", "5")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["tasks"]["data"]["test_folds"] == ["fold00"] and results["tasks"]["data"]["all_folds"] == 5
-    assert [job["train_clips"] for job in jobs(tmp_path / "out").values()] == [5, 5]  # of 9
+    assert [job["train_clips"] for job in jobs(tmp_path / "out").values()] == [5, 5]  # of 12
+    assert results["tasks"]["data"]["examples"] == 5 + 3  # only the subset and the test fold are read
 
 
 def test_training_subset_is_the_same_for_every_seed():
