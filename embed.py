@@ -151,7 +151,7 @@ class Embedder(nn.Module):
         self.layout, self.batch_size, self.source = layout, batch_size, source
         # A compiled function, not a module: self.mae stays the eager model and the state_dict
         # keys stay plain (no "_orig_mod.").
-        self.encode = torch.compile(model.forward_features) if compiled else model.forward_features
+        self.compiled_forward = torch.compile(model.forward_features) if compiled else None
         self.chunk_frames = model.cfg.input_size[0]  # 200 mel frames
         self.patch_frames = model.cfg.patch_size[0]  # 4 mel frames per embedding frame
         self.frames_per_chunk = model.cfg.grid[0]  # 50 embedding frames
@@ -211,7 +211,11 @@ class Embedder(nn.Module):
     @torch.no_grad()
     def features(self, chunks: torch.Tensor) -> torch.Tensor:
         """(B, 200, 80) -> (B, 50, D) frame embeddings in the chosen layout."""
-        out = self.encode(chunks.to(self.device))
+        chunks = chunks.to(self.device)
+        if self.compiled_forward is not None:
+            out = self.compiled_forward(chunks)
+        else:
+            out = self.mae.forward_features(chunks)
         if self.layout == "official":
             out = official_layout(out, self.mae.cfg.grid[1])
         return out
