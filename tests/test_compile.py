@@ -2,8 +2,9 @@
 ones do within float rounding, compile once (no recompilation at accumulation, epoch or
 checkpoint boundaries), and checkpoints pass between eager and compiled runs.
 
-Tiny models on one thread; compiling still takes about a minute per graph on a small CPU
-(inductor keeps what it compiled on disk, so the next run of these tests is faster).
+Tiny models on one thread; compiling still takes minutes on a small CPU: the whole file took
+about 10 minutes cold on a loaded 2-core machine and 2 minutes once inductor's on-disk cache
+(/tmp/torchinductor_$USER) held its graphs.
 """
 import json
 import os
@@ -31,7 +32,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 # float32 unit roundoff is 6e-8. Inductor fuses and reorders the sums of LayerNorm, softmax,
 # matrix products and the gradients summed over batch and tokens (up to ~1e3 terms), which
 # moves each by up to ~1e3 roundoffs of its largest terms in the worst case: 1e-4 of a
-# tensor's largest gradient (measured: under 5e-6; the loss agrees to the last bit).
+# tensor's largest gradient (measured: a few 1e-6; the loss agrees to the last bit).
 GRADIENT_TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-5
 
