@@ -3,6 +3,7 @@
     python bench.py                           # full run (about 10 minutes on a 2-core CPU)
     python bench.py --quick                   # about a minute: smaller batches and clips
     python bench.py --device cuda             # the same on a GPU, plus FlexAttention MW-MHA
+    python bench.py --compile                 # also torch.compile (inductor) and fused AdamW
     python bench.py --json results/bench.json # also write every measurement as JSON
 
 What is measured, all in one run:
@@ -15,6 +16,14 @@ What is measured, all in one run:
 3. embeddings: real-time factor of embed.get_scene_embeddings (tiny and base) on a 60-s clip;
    peak memory of a one-hour clip (tiny), in a fresh process.
 4. data: log-mel frontend real-time factor; feature-store crops/s against training samples/s.
+
+With --compile, sections 1-3 also time the compiled path next to the eager one (train.py,
+embed.py and evaluate.py --compile): the MHA and MW-MHA layer and block, the pretraining step
+with fused AdamW alone and compiled with fused AdamW, and the embeddings. The first call of
+each compiled candidate (compilation plus one run) is reported apart as "compile s" (less
+when inductor's on-disk cache already holds the graph); the steady-state figures come after
+it. The FLOP rate of a compiled step is the eager step's model FLOPs over its time, against
+the GEMM rate of the eager step's matrix products.
 
 Timing: candidates that are compared run interleaved (A, B, C, A, B, C, ...) after warm-up
 and each figure is the median of the repeats, so a load change on a shared machine hits all
@@ -45,6 +54,7 @@ import data
 import embed
 import files
 import mae
+import train
 from attention import (Attention, MultiWindowAttention, multiwindow_attention_reference, set_backend,
                        window_sizes)
 from audio import SAMPLE_RATE, LogMel
@@ -73,6 +83,7 @@ class BenchConfig:
     repeats: int = 5
     warmup: int = 1
     sections: tuple[str, ...] = ("attention", "train", "embed", "data")
+    compile: bool = False  # also the torch.compile'd candidates (see the module docstring)
 
 
 FULL = BenchConfig()
@@ -103,6 +114,15 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, 
             synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def first_call_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call: for a compiled candidate's first call, its compilation."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def summary(seconds: list[float]) -> dict:
@@ -175,6 +195,14 @@ def bench_attention(cfg: BenchConfig, device: torch.device) -> dict:
         agreement = {name: float((module(x) - reference).abs().max())
                      for name, module in variants.items() if name.startswith("MW")}
     blocks = {name: mae.ViTBlock(cfg.dim, module, 4.0).to(device) for name, module in variants.items()}
+    compile_seconds = {}
+    if cfg.compile:
+        for name in COMPILED_ATTENTION:
+            variants[f"{name} compiled"] = torch.compile(variants[name], dynamic=False)
+            blocks[f"{name} compiled"] = torch.compile(blocks[name], dynamic=False)
+            compile_seconds[f"{name} compiled"] = dict(
+                layer=first_call_seconds(forward_backward(variants[f"{name} compiled"], x), device),
+                block=first_call_seconds(forward_backward(blocks[f"{name} compiled"], x), device))
     timings = time_interleaved(
         {**{f"layer/{name}": forward_backward(m, x) for name, m in variants.items()},
          **{f"block/{name}": forward_backward(b, x) for name, b in blocks.items()}},
@@ -182,7 +210,7 @@ def bench_attention(cfg: BenchConfig, device: torch.device) -> dict:
     rows = {}
     for name in variants:
         layer, block = summary(timings[f"layer/{name}"]), summary(timings[f"block/{name}"])
-        rows[name] = dict(layer=layer, block=block)
+        rows[name] = dict(layer=layer, block=block, compile_s=compile_seconds.get(name))
     mha = rows["MHA (SDPA)"]
     for row in rows.values():
         row["layer_vs_mha"] = row["layer"]["median"] / mha["layer"]["median"]
@@ -193,6 +221,9 @@ def bench_attention(cfg: BenchConfig, device: torch.device) -> dict:
                            windows=window_sizes(cfg.tokens)),
                 rows=rows, max_abs_diff_vs_reshape=agreement, fastest_mw_backend=fastest,
                 errors=errors)
+
+
+COMPILED_ATTENTION = ("MHA (SDPA)", "MW-MHA reshape")
 
 
 # ----------------------------------------------------------------------------- 2. training
@@ -249,15 +280,20 @@ ATTENTION_FLOPS = {
 }
 
 
-def training_step(model: mae.MAE, batch: torch.Tensor) -> Callable[[], None]:
+def training_step(model: mae.MAE, batch: torch.Tensor, compiled: bool = False,
+                  fused: bool = False) -> Callable[[], None]:
     """Forward, backward and AdamW step, set up as train.py does (fp32 on CPU, bf16 autocast
-    on CUDA, no weight decay on biases, norms, tokens and position tables)."""
-    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
+    on CUDA, no weight decay on biases, norms, tokens and position tables). fused: train.py's
+    AdamW (train.adamw: fused on CPU and CUDA), else torch's default (train.py before it);
+    compiled: as train.py --compile."""
+    optimizer = (train.adamw(model, 0.05, 1e-4, (0.9, 0.95), batch.device) if fused else
+                 torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95)))
     autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=batch.is_cuda)
+    forward = torch.compile(model, dynamic=False) if compiled else model
 
     def step():
         with autocast:
-            loss, _, _ = model(batch)
+            loss, _, _ = forward(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -286,27 +322,41 @@ def bench_training(cfg: BenchConfig, device: torch.device) -> dict:
                 step()
         flops[name] = counter.get_total_flops()
         replays[name] = gemm_replay(recorder.calls, device)
+    base = {name: name for name in steps}  # row -> the model whose FLOPs and GEMMs it has
+    compile_seconds = {}
+    if cfg.compile:
+        for name in [n for n in models if "(flex)" not in n]:
+            steps[f"{name} fused AdamW"] = training_step(models[name], batch, fused=True)
+            steps[f"{name} compiled"] = training_step(models[name], batch, compiled=True, fused=True)
+            compile_seconds[f"{name} compiled"] = first_call_seconds(steps[f"{name} compiled"], device)
+            base.update({f"{name} fused AdamW": name, f"{name} compiled": name})
     candidates = {**{f"step/{n}": s for n, s in steps.items()},
                   **{f"gemm/{n}": replay for n, (replay, _) in replays.items()}}
     timings = time_interleaved(candidates, cfg.repeats, cfg.warmup, device)
     rows = {}
-    for name in models:
+    for name, model_name in base.items():
         step_time = summary(timings[f"step/{name}"])
-        gemm_time = summary(timings[f"gemm/{name}"])
-        gemm_flops = replays[name][1]
-        model_rate = flops[name] / step_time["median"]
+        gemm_time = summary(timings[f"gemm/{model_name}"])
+        gemm_flops = replays[model_name][1]
+        model_rate = flops[model_name] / step_time["median"]
         gemm_rate = gemm_flops / gemm_time["median"]
+        eager_time = statistics.median(timings[f"step/{model_name}"])
         rows[name] = dict(step=step_time, ms_per_step=1e3 * step_time["median"],
                           samples_per_s=cfg.train_batch / step_time["median"],
-                          gflop_per_step=flops[name] / 1e9, model_gflop_per_s=model_rate / 1e9,
+                          gflop_per_step=flops[model_name] / 1e9, model_gflop_per_s=model_rate / 1e9,
                           gemm_gflop=gemm_flops / 1e9, gemm=gemm_time,
                           gemm_gflop_per_s=gemm_rate / 1e9, fraction_of_gemm_rate=model_rate / gemm_rate,
-                          gemm_share_of_step=gemm_time["median"] / step_time["median"])
+                          gemm_share_of_step=gemm_time["median"] / step_time["median"],
+                          speedup_over_eager=eager_time / step_time["median"],
+                          compile_s=compile_seconds.get(name))
     result = dict(batch=cfg.train_batch, overrides=cfg.model_overrides, rows=rows, errors=errors)
     mw_names = [n for n in models if models[n].cfg.decoder_multiwindow and "(flex)" not in n]
     plain = [n for n in models if not models[n].cfg.decoder_multiwindow]
     if mw_names and plain:
         result["mw_over_mae"] = rows[mw_names[0]]["ms_per_step"] / rows[plain[0]]["ms_per_step"]
+        if cfg.compile:
+            result["mw_over_mae_compiled"] = (rows[f"{mw_names[0]} compiled"]["ms_per_step"] /
+                                              rows[f"{plain[0]} compiled"]["ms_per_step"])
     return result
 
 
@@ -371,10 +421,16 @@ def bench_embeddings(cfg: BenchConfig, device: torch.device) -> dict:
     """Real-time factor of get_scene_embeddings per model; peak memory of a long clip."""
     audio = noise_clip(cfg.embed_seconds).to(device)
     models = {name: embed.load_model(name).to(device) for name in cfg.embed_models}
-    timings = time_interleaved(
-        {name: (lambda m=model: embed.get_scene_embeddings(audio, m)) for name, model in models.items()},
-        cfg.repeats, cfg.warmup, device)
-    rows = {name: dict(time=summary(t), real_time_factor=cfg.embed_seconds / statistics.median(t))
+    candidates = {name: (lambda m=model: embed.get_scene_embeddings(audio, m)) for name, model in models.items()}
+    compile_seconds = {}
+    if cfg.compile:
+        for name, model in list(models.items()):
+            compiled = embed.Embedder(model.mae, compiled=True).to(device)
+            candidates[f"{name} compiled"] = lambda m=compiled: embed.get_scene_embeddings(audio, m)
+            compile_seconds[f"{name} compiled"] = first_call_seconds(candidates[f"{name} compiled"], device)
+    timings = time_interleaved(candidates, cfg.repeats, cfg.warmup, device)
+    rows = {name: dict(time=summary(t), real_time_factor=cfg.embed_seconds / statistics.median(t),
+                       compile_s=compile_seconds.get(name))
             for name, t in timings.items()}
     long_clip = measure_peak_memory(cfg.long_model, cfg.long_seconds, device)
     return dict(clip_seconds=cfg.embed_seconds, rows=rows,
@@ -452,6 +508,11 @@ def check_targets(results: dict) -> list[dict]:
 
     train_rows = results.get("train", {}).get("rows", {})
     add("MW-MAE step / MAE step <= 1.00", results.get("train", {}).get("mw_over_mae"), 1.0, False)
+    add("MW-MAE compiled step / MAE compiled step <= 1.00",
+        results.get("train", {}).get("mw_over_mae_compiled"), 1.0, False)
+    for name, row in train_rows.items():
+        if name.endswith(" compiled"):
+            add(f"{name}: step >= 1.3x eager", row["speedup_over_eager"], 1.3)
     for name, row in train_rows.items():
         add(f"{name}: model FLOP/s >= 90% of GEMM rate", row["fraction_of_gemm_rate"], 0.9)
     for name, row in results.get("embed", {}).get("rows", {}).items():
@@ -477,10 +538,13 @@ def format_report(results: dict) -> str:
         s = a["shape"]
         lines += ["", f"[1] attention, forward + backward: batch {s['batch']}, {s['tokens']} tokens, "
                       f"dim {s['dim']}, {s['heads']} heads, windows {s['windows']}",
-                  f"    {'variant':<24}{'block ms':>10}{'vs MHA':>8}{'layer ms':>10}{'vs MHA':>8}"]
+                  f"    {'variant':<33}{'block ms':>10}{'vs MHA':>8}{'layer ms':>10}{'vs MHA':>8}"
+                  f"{'compile s (block, layer)':>26}"]
         for name, row in a["rows"].items():
-            lines.append(f"    {name:<24}{1e3 * row['block']['median']:>10.1f}{row['block_vs_mha']:>8.2f}"
-                         f"{1e3 * row['layer']['median']:>10.1f}{row['layer_vs_mha']:>8.2f}")
+            compile_s = row.get("compile_s")
+            lines.append(f"    {name:<33}{1e3 * row['block']['median']:>10.1f}{row['block_vs_mha']:>8.2f}"
+                         f"{1e3 * row['layer']['median']:>10.1f}{row['layer_vs_mha']:>8.2f}"
+                         + (f"{compile_s['block']:>16.1f}, {compile_s['layer']:.1f}" if compile_s else ""))
         lines += [f"    left out {name}: {error}" for name, error in a["errors"].items()]
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in a["max_abs_diff_vs_reshape"].items() if "reshape" not in k)
         lines.append(f"    block = pre-LN ViT block (attention + MLP); layer = the attention alone. "
@@ -489,24 +553,29 @@ def format_report(results: dict) -> str:
         t = results["train"]
         lines += ["", f"[2] pretraining step (forward + backward + AdamW), batch {t['batch']}"
                       f"{', overrides ' + str(t['overrides']) if t['overrides'] else ''}",
-                  f"    {'model':<20}{'ms/step':>9}{'samples/s':>11}{'GFLOP/step':>12}{'GFLOP/s':>9}"
-                  f"{'GEMM GFLOP/s':>14}{'fraction':>10}{'GEMM share':>12}"]
+                  f"    {'model':<29}{'ms/step':>9}{'samples/s':>11}{'GFLOP/step':>12}{'GFLOP/s':>9}"
+                  f"{'GEMM GFLOP/s':>14}{'fraction':>10}{'GEMM share':>12}{'vs eager':>10}{'compile s':>11}"]
         for name, row in t["rows"].items():
-            lines.append(f"    {name:<20}{row['ms_per_step']:>9.0f}{row['samples_per_s']:>11.2f}"
+            lines.append(f"    {name:<29}{row['ms_per_step']:>9.0f}{row['samples_per_s']:>11.2f}"
                          f"{row['gflop_per_step']:>12.1f}{row['model_gflop_per_s']:>9.1f}"
                          f"{row['gemm_gflop_per_s']:>14.1f}{row['fraction_of_gemm_rate']:>10.2f}"
-                         f"{row['gemm_share_of_step']:>12.2f}")
+                         f"{row['gemm_share_of_step']:>12.2f}{row['speedup_over_eager']:>10.2f}"
+                         + (f"{row['compile_s']:>11.1f}" if row["compile_s"] is not None else ""))
         lines += [f"    left out {name}: {error}" for name, error in t["errors"].items()]
         if "mw_over_mae" in t:
-            lines.append(f"    MW-MAE step / MAE step: {t['mw_over_mae']:.2f}")
-        lines.append("    fraction = model FLOP/s / GEMM FLOP/s, the GEMM rate of replaying the step's own "
-                     "mm/addmm calls; GEMM share = replay time / step time")
+            lines.append(f"    MW-MAE step / MAE step: {t['mw_over_mae']:.2f}"
+                         + (f"; compiled: {t['mw_over_mae_compiled']:.2f}" if "mw_over_mae_compiled" in t else ""))
+        lines.append("    fraction = model FLOP/s / GEMM FLOP/s, the GEMM rate of replaying the (eager) step's own "
+                     "mm/addmm calls; GEMM share = replay time / step time; vs eager = eager step time (torch's "
+                     "default AdamW) / this step time; compile s = the first compiled step")
     if "embed" in results:
         e = results["embed"]
         lines += ["", f"[3] embeddings: get_scene_embeddings of a {e['clip_seconds']:g}-s clip"]
         for name, row in e["rows"].items():
+            compile_s = row.get("compile_s")
             lines.append(f"    {name:<20}{1e3 * row['time']['median']:>9.0f} ms  "
-                         f"{row['real_time_factor']:>8.1f}x real time")
+                         f"{row['real_time_factor']:>8.1f}x real time"
+                         + (f"  (compile {compile_s:.1f} s)" if compile_s is not None else ""))
         lc = e["long_clip"]
         gpu = f", GPU peak {lc['gpu_peak_mb']:.0f} MB" if lc["gpu_peak_mb"] is not None else ""
         memory = (f"peak RSS {lc['peak_rss_mb']:.0f} MiB (before the call {lc['rss_before_mb']:.0f} MiB, "
@@ -538,13 +607,18 @@ def format_report(results: dict) -> str:
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
 @click.option("--only", "sections", multiple=True, type=click.Choice(FULL.sections),
               help="Run only these sections (repeatable).")
-def main(quick: bool, device: torch.device, json_path: str | None, threads: int | None, sections: tuple[str, ...]):
+@click.option("--compile", "compiled", is_flag=True,
+              help="Also time the torch.compile'd layers, training step (with fused AdamW) and embeddings.")
+def main(quick: bool, device: torch.device, json_path: str | None, threads: int | None, sections: tuple[str, ...],
+         compiled: bool):
     """Benchmark attention, the pretraining step, embeddings and the data pipeline."""
     if threads:
         torch.set_num_threads(threads)
     cfg = QUICK if quick else FULL
     if sections:
         cfg = dataclasses.replace(cfg, sections=sections)
+    if compiled:
+        cfg = dataclasses.replace(cfg, compile=True)
     results = run_benchmarks(cfg, device, echo=lambda msg: click.echo(msg, err=True))
     click.echo(format_report(results))
     if json_path:

@@ -130,11 +130,15 @@ class Embedder(nn.Module):
     layout: "time" (default, correct) or "official" (AudioMAE++ release scramble).
     batch_size: chunks of 2 s per forward pass.
     source: a string naming where the weights came from (used as a cache key).
+    compiled: run the encoder forward through torch.compile (inductor): the same function up
+        to float rounding, faster after its first batch, which compiles it (a batch of another
+        size, such as the last one, compiles once more with a dynamic batch dimension).
     """
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model: mae.MAE, layout: str = "time", batch_size: int = 32, source: str = ""):
+    def __init__(self, model: mae.MAE, layout: str = "time", batch_size: int = 32, source: str = "",
+                 compiled: bool = False):
         super().__init__()
         if model.cfg.input_size[1] != audio.N_MELS:
             raise ValueError(f"the model expects {model.cfg.input_size[1]} mel bins; the frontend gives {audio.N_MELS}")
@@ -145,6 +149,9 @@ class Embedder(nn.Module):
         self.mae = model.eval().requires_grad_(False)
         self.frontend = audio.LogMel()
         self.layout, self.batch_size, self.source = layout, batch_size, source
+        # A compiled function, not a module: self.mae stays the eager model and the state_dict
+        # keys stay plain (no "_orig_mod.").
+        self.compiled_forward = torch.compile(model.forward_features) if compiled else None
         self.chunk_frames = model.cfg.input_size[0]  # 200 mel frames
         self.patch_frames = model.cfg.patch_size[0]  # 4 mel frames per embedding frame
         self.frames_per_chunk = model.cfg.grid[0]  # 50 embedding frames
@@ -204,14 +211,18 @@ class Embedder(nn.Module):
     @torch.no_grad()
     def features(self, chunks: torch.Tensor) -> torch.Tensor:
         """(B, 200, 80) -> (B, 50, D) frame embeddings in the chosen layout."""
-        out = self.mae.forward_features(chunks.to(self.device))
+        chunks = chunks.to(self.device)
+        if self.compiled_forward is not None:
+            out = self.compiled_forward(chunks)
+        else:
+            out = self.mae.forward_features(chunks)
         if self.layout == "official":
             out = official_layout(out, self.mae.cfg.grid[1])
         return out
 
 
 def load_model(model_file_path: str | None = None, layout: str = "time", seed: int = 0,
-               batch_size: int = 32) -> Embedder:
+               batch_size: int = 32, compiled: bool = False) -> Embedder:
     """HEAR entry point: a checkpoint file (checkpoints.load_pretrained), a bundled model's name
     (checkpoints.bundled_models), or a preset name from mae.PRESETS, which gives a random
     initialisation drawn with torch seed `seed`. None or "" (HEAR's "no file") loads the
@@ -219,7 +230,7 @@ def load_model(model_file_path: str | None = None, layout: str = "time", seed: i
 
     Raises checkpoints.CheckpointError (a ValueError) for a file that is not a model, ValueError for
     an unknown name, FileNotFoundError for a missing file (a name with a folder or suffix, or
-    the default model's file); every message is one line naming the file."""
+    the default model's file); every message is one line naming the file. compiled: see Embedder."""
     name = str(model_file_path or checkpoints.DEFAULT_MODEL)
     if name in mae.PRESETS:
         with torch.random.fork_rng(devices=[]):
@@ -233,7 +244,7 @@ def load_model(model_file_path: str | None = None, layout: str = "time", seed: i
         model = checkpoints.load_pretrained(path)
         stat = path.stat()
         source = f"{path.resolve()} ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
-    return Embedder(model, layout=layout, batch_size=batch_size, source=source)
+    return Embedder(model, layout=layout, batch_size=batch_size, source=source, compiled=compiled)
 
 
 def unknown_model(name: str) -> Exception:
@@ -457,6 +468,12 @@ def load_model_or_fail(model_path: str | None, **options) -> Embedder:
     return model
 
 
+def check_compile_device(compiled: bool, device: torch.device) -> None:
+    """--compile uses inductor, which generates code for CPUs and CUDA GPUs only."""
+    if compiled and device.type not in ("cpu", "cuda"):
+        raise click.ClickException(f"--compile works on cpu and cuda, not on {device.type}")
+
+
 def find_audio_or_fail(audio_dirs: tuple[str, ...], bad: dict[str, str]) -> list[str]:
     """The regular files under AUDIO_DIR... (anything else goes into `bad`); none is an error."""
     try:
@@ -499,7 +516,10 @@ def embed_into(out: Path, model: Embedder, paths: list[str], bad: dict[str, str]
               help="'official' reproduces the AudioMAE++ release's scrambled layout.")
 @click.option("--seed", default=0, show_default=True, help="Seed of a preset's random initialisation.")
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in --out.")
-def main(inputs, out, timestamps, batch_size, device, layout, seed, overwrite):
+@click.option("--compile", "compiled", is_flag=True,
+              help="Compile the encoder forward with torch.compile (cpu, cuda): faster on many "
+                   "files, after a first batch that compiles it.")
+def main(inputs, out, timestamps, batch_size, device, layout, seed, overwrite, compiled):
     """Embed every audio file under AUDIO_DIR... with MODEL: a model file, a bundled model's name
     (mwmae-tiny-debian, mae-tiny-debian) or a preset name (random weights).
 
@@ -511,7 +531,9 @@ def main(inputs, out, timestamps, batch_size, device, layout, seed, overwrite):
     --timestamps, OUT/timestamps/<row>.npz holding `embeddings` [T, D] and `timestamps` [T] (ms).
     """
     (model_path, audio_dirs), out = inputs, Path(out)
-    model = load_model_or_fail(model_path, layout=layout, seed=seed, batch_size=batch_size)
+    check_compile_device(compiled, device)
+    model = load_model_or_fail(model_path, layout=layout, seed=seed, batch_size=batch_size,
+                               compiled=compiled)
     model = model.to(device)
     bad: dict[str, str] = {}
     paths = find_audio_or_fail(audio_dirs, bad)

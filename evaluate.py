@@ -556,14 +556,16 @@ def main():
     """HEAR downstream evaluation: `run` (the default) and `score`."""
 
 
-def load_model(model_path: str, layout: str, seed: int, batch_size: int, device: str) -> embed.Embedder:
+def load_model(model_path: str, layout: str, seed: int, batch_size: int, device: str,
+               compiled: bool = False) -> embed.Embedder:
     """embed.load_model with one-line errors, and a note when MODEL names a preset: its weights
     are a random initialisation."""
     if model_path in mae.PRESETS:
         click.echo(f"{model_path} is a preset name: evaluating its random initialisation (seed {seed}), "
                    "not pretrained weights", err=True)
     try:
-        model = embed.load_model(model_path, layout=layout, seed=seed, batch_size=batch_size)
+        model = embed.load_model(model_path, layout=layout, seed=seed, batch_size=batch_size,
+                                 compiled=compiled)
     except (ValueError, OSError) as error:  # checkpoints.CheckpointError is a ValueError
         raise click.ClickException(str(error)) from error
     return model.to(device)
@@ -625,8 +627,10 @@ def embed_tasks(tasks: list[Task], model: embed.Embedder, identity: dict, out: P
               help="Probe processes [default: one per CPU core on cpu, 1 on cuda].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads per process [default: embedding: torch's choice; probes: cores / jobs].")
+@click.option("--compile", "compiled", is_flag=True,
+              help="Compile the encoder forward with torch.compile (cpu, cuda) for embedding.")
 def run(inputs, out, overwrite, seeds, device, batch_size, layout, model_seed, max_epochs,
-        standardize, n_jobs, threads):
+        standardize, n_jobs, threads, compiled):
     """Evaluate MODEL (a model file, a bundled model's name or a preset name) on the HEAR task
     folders TASK_DIR....
 
@@ -639,8 +643,9 @@ def run(inputs, out, overwrite, seeds, device, batch_size, layout, model_seed, m
         torch.set_num_threads(threads)
     tasks = load_tasks(task_dirs)
     out = Path(out or Path("results") / Path(model_path).stem)
+    embed.check_compile_device(compiled, device)
     device = str(device)  # probe processes compare it with "cpu"
-    model = load_model(model_path, layout, model_seed, batch_size, device)
+    model = load_model(model_path, layout, model_seed, batch_size, device, compiled)
     if model_arg is None:
         click.echo(embed.default_model_note(), err=True)
     identity = model_identity(model)
