@@ -28,13 +28,7 @@ TONES = {"low": 300.0, "mid": 1200.0, "high": 4000.0}
 RATE = 16000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tone(freq: float, seconds: float, rng: np.random.Generator) -> np.ndarray:

@@ -27,12 +27,7 @@ TINY = ["--set", "depth=1", "--set", "decoder_depth=1", "--set", "decoder_dim=64
         "--warmup-steps", "2", "--log-every", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

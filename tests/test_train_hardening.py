@@ -20,7 +20,9 @@ from click.testing import CliRunner
 import mae
 import train
 
-from test_train import ONE_THREAD, ROOT, TINY, one_thread, run, store  # noqa: F401 (fixtures)
+from test_train import ONE_THREAD, ROOT, TINY, run, store  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
