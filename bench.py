@@ -54,7 +54,7 @@ import data
 import embed
 import files
 import mae
-import train
+import training
 from attention import (Attention, MultiWindowAttention, multiwindow_attention_reference, set_backend,
                        window_sizes)
 from audio import SAMPLE_RATE, LogMel
@@ -284,9 +284,9 @@ def training_step(model: mae.MAE, batch: torch.Tensor, compiled: bool = False,
                   fused: bool = False) -> Callable[[], None]:
     """Forward, backward and AdamW step, set up as train.py does (fp32 on CPU, bf16 autocast
     on CUDA, no weight decay on biases, norms, tokens and position tables). fused: train.py's
-    AdamW (train.adamw: fused on CPU and CUDA), else torch's default (train.py before it);
+    AdamW (training.adamw: fused on CPU and CUDA), else torch's default (train.py before it);
     compiled: as train.py --compile."""
-    optimizer = (train.adamw(model, 0.05, 1e-4, (0.9, 0.95), batch.device) if fused else
+    optimizer = (training.adamw(model.param_groups(0.05), 1e-4, (0.9, 0.95), batch.device) if fused else
                  torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95)))
     autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=batch.is_cuda)
     forward = torch.compile(model, dynamic=False) if compiled else model

@@ -398,8 +398,8 @@ def run_job(encoder: mae.MAE, task: Task, train: Clips, test: Clips, fold: int, 
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(encoder), len(task.labels), recipe.linear,
                        recipe.freeze_blocks).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay, recipe.layer_decay),
-                                  lr=recipe.lr, betas=(0.9, 0.999))
+    optimizer = training.adamw(param_groups(model, recipe.weight_decay, recipe.layer_decay),
+                               recipe.lr, (0.9, 0.999), device)
     global_batch = recipe.batch_size * world
     steps_per_epoch = len(train.x) // global_batch
     total = steps_per_epoch * recipe.epochs

@@ -159,16 +159,6 @@ def check_enough_clips(clips: int, world: int, batch_size: int, accum_steps: int
         f"{advice}")
 
 
-def adamw(model: mae.MAE, weight_decay: float, lr: float, betas: tuple[float, float],
-          device: torch.device) -> torch.optim.AdamW:
-    """AdamW over model.param_groups. On CPU and CUDA torch's fused kernel updates every
-    parameter in one call (the same update as the per-parameter loop up to float rounding);
-    elsewhere (XLA) torch's default. A resumed optimizer keeps the implementation stored in
-    its checkpoint (torch's load_state_dict restores it), so an old run continues as it began."""
-    fused = True if device.type in ("cpu", "cuda") else None
-    return torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=betas, fused=fused)
-
-
 # ----------------------------------------------------------------------------- data
 
 def mask_noise(indices: torch.Tensor, seed: int, epoch: int, num_patches: int) -> torch.Tensor:
@@ -452,7 +442,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
                 step = saved_step = int(checkpoint["step"])
                 training.set_rng_states(checkpoint["rng"])
             echo(f"resuming {checkpoint_path} at step {step}")
-        optimizer = adamw(model, weight_decay, peak_lr, betas, device)
+        optimizer = training.adamw(model.param_groups(weight_decay), peak_lr, betas, device)
         if checkpoint:
             with restoring(checkpoint_path):
                 optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the device

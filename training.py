@@ -45,6 +45,16 @@ def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float],
+          device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`. On CPU and CUDA torch's fused kernel updates every parameter
+    in one call (the same update as the per-parameter loop up to float rounding); elsewhere
+    (XLA) torch's default. A resumed optimizer keeps the implementation stored in its
+    checkpoint (torch's load_state_dict restores it), so an old run continues as it began."""
+    fused = True if device.type in ("cpu", "cuda") else None
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def rng_states() -> dict:

@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 import data
 import embed
 import mae
-import train
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(depth=1, decoder_depth=1, decoder_dim=64)
@@ -70,7 +70,7 @@ def test_compiled_step_equals_eager_and_compiles_once():
         assert (grad - eager_grads[name]).abs().max().item() <= GRADIENT_TOLERANCE * scale, name
     graphs = counters["stats"]["unique_graphs"]
 
-    optimizer = train.adamw(model, 0.05, 1e-3, (0.9, 0.95), torch.device("cpu"))
+    optimizer = training.adamw(model.param_groups(0.05), 1e-3, (0.9, 0.95), torch.device("cpu"))
     assert optimizer.param_groups[0]["fused"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(3):
