@@ -18,8 +18,8 @@ the pooled features with a BatchNorm without affine parameters (MAE's linear pro
 every encoder parameter trains except, with --freeze-blocks K, the patch embedding and the
 first K blocks.
 
-Input: the log-mel exactly as the embeddings see it (audio.load_audio, audio.LogMel, whole-clip
-audio.normalize, the last chunk reflect-padded; see embed.py). Training: a random 2-s crop per
+Input: the log-mel chunks the embeddings see, cut by embed.Embedder.chunks itself (whole-clip
+standardisation, the last chunk reflect-padded). Training: a random 2-s crop per
 clip per step (clips up to 2 s are taken whole), SpecAugment (one time and one frequency mask,
 filled with 0, the clip's mean), mixup of each batch with its reverse (lambda ~ Beta(a, a)),
 label smoothing (multiclass, softmax cross-entropy) or BCE (multilabel), optional balanced
@@ -125,29 +125,21 @@ class Clips:
     y: torch.Tensor  # (clips, labels) multi-hot float
 
 
-def clip_input(wave: torch.Tensor, frontend: audio.LogMel, cfg: mae.MAEConfig,
-               what: str) -> tuple[torch.Tensor, int]:
-    """(samples,) -> (normalised log-mel (C * 200, 80), T embedding frames): embed.Embedder.chunks
-    before the reshape into chunks (tested equal)."""
-    chunk, patch = cfg.input_size[0], cfg.patch_size[0]
-    T = embed.num_frames(wave.shape[-1], patch)
-    C = math.ceil(T / cfg.grid[0])
-    log_mel = frontend(wave)
-    audio.check_finite(log_mel, what)
-    x = audio.normalize(log_mel)[: C * chunk]
-    if x.shape[0] < C * chunk:
-        x = x[embed.reflect_indices(x.shape[0], C * chunk)]
-    return x, T
+def clip_input(wave: torch.Tensor, embedder: embed.Embedder, what: str) -> tuple[torch.Tensor, int]:
+    """(samples,) -> (normalised log-mel (C * 200, 80), T embedding frames): exactly the chunks
+    embed.Embedder.chunks cuts for embedding, end to end."""
+    chunks, kept = embedder.chunks(wave, what)  # (C, 200, 80), frames kept per chunk
+    return chunks.reshape(-1, chunks.shape[-1]), sum(kept)
 
 
-def load_clips(items: list[tuple[str, str]], paths: dict, task: Task, cfg: mae.MAEConfig,
+def load_clips(items: list[tuple[str, str]], paths: dict, task: Task, embedder: embed.Embedder,
                bad: dict[str, str]) -> tuple[Clips, list[tuple[str, str]]]:
     """The clips of `items` that can be read, and those items; the others go into `bad`."""
-    frontend, xs, frames, kept = audio.LogMel(), [], [], []
+    xs, frames, kept = [], [], []
     for item in tqdm(items, desc="log-mel", unit="clip", leave=False):
         try:
             wave = torch.from_numpy(audio.load_audio(paths[item]))
-            x, T = clip_input(wave, frontend, cfg, files.shown(paths[item]))
+            x, T = clip_input(wave, embedder, files.shown(paths[item]))
         except audio.AudioError as error:
             bad[str(paths[item])] = error.reason
             continue
@@ -581,9 +573,10 @@ def read_job_checkpoint(out: Path, name: str) -> dict | None:
     return checkpoint if checkpoint.get("job") == name else None
 
 
-def load_encoder(model_arg: str, overrides: tuple[str, ...]) -> tuple[mae.MAE, dict]:
-    """The encoder of MODEL (file, bundled name or preset: embed.load_model_or_fail says which)
-    and its identity for results.json."""
+def load_encoder(model_arg: str, overrides: tuple[str, ...]) -> tuple[embed.Embedder, dict]:
+    """MODEL (file, bundled name or preset: embed.load_model_or_fail says which) as an Embedder,
+    whose chunks are the classifier's input and whose model's encoder is fine-tuned, and its
+    identity for results.json."""
     if overrides and model_arg not in mae.PRESETS:
         raise click.BadParameter("--set changes a preset's config; MODEL is not a preset",
                                  param_hint="--set")
@@ -600,7 +593,8 @@ def load_encoder(model_arg: str, overrides: tuple[str, ...]) -> tuple[mae.MAE, d
     else:
         embedder = embed.load_model_or_fail(model_arg, seed=0)
     identity = evaluate.model_identity(embedder)
-    return embedder.mae.requires_grad_(True), identity
+    embedder.mae.requires_grad_(True)
+    return embedder, identity
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -662,7 +656,8 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
         task, paths = read_task(data)
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from None
-    encoder, identity = load_encoder(model_arg, overrides)
+    embedder, identity = load_encoder(model_arg, overrides)
+    encoder = embedder.mae
     if freeze_blocks > encoder.cfg.depth:
         raise click.BadParameter(f"the encoder has {encoder.cfg.depth} blocks", param_hint="--freeze-blocks")
     recipe = Recipe(linear, epochs, batch_size, lr if lr is not None else 5e-3 if linear else 5e-4,
@@ -683,7 +678,7 @@ def main(model_arg, data, out, linear, epochs, batch_size, lr, weight_decay, lay
         fold_parts = fold_items(task.items(), splits, max_train_clips)
         wanted = {item for parts in fold_parts for part in parts.values() for item in part}
         clips, items = load_clips([item for item in task.items() if item in wanted], paths, task,
-                                  encoder.cfg, bad)
+                                  embedder, bad)
         row_of = {item: row for row, item in enumerate(items)}  # readable clips only
         if rank == 0:
             embed.write_bad_files(out / BAD_FILES, bad)

@@ -88,7 +88,7 @@ def test_clip_input_is_the_embedding_input():
     rng = np.random.default_rng(1)
     for seconds in (0.3, 1.3, 2.0, 4.7):
         wave = torch.from_numpy(tone(500.0, seconds, rng))
-        x, frames = finetune.clip_input(wave, model.frontend, model.mae.cfg, "clip")
+        x, frames = finetune.clip_input(wave, model, "clip")
         chunks, kept = model.chunks(wave)
         assert torch.equal(x.reshape(chunks.shape), chunks)
         assert frames == sum(kept)
@@ -101,7 +101,7 @@ def test_test_predictions_are_the_scene_embeddings_through_the_head():
     classifier = finetune.Classifier(encoder, 3, linear=False).train()
     rng = np.random.default_rng(2)
     waves = [torch.from_numpy(tone(800.0, seconds, rng)) for seconds in (2.0, 4.0)]
-    inputs = [finetune.clip_input(w, embed.Embedder(encoder).frontend, encoder.cfg, "clip") for w in waves]
+    inputs = [finetune.clip_input(w, embed.Embedder(encoder), "clip") for w in waves]
     clips = finetune.Clips([x for x, _ in inputs], [t for _, t in inputs], torch.eye(3)[:2])
     probs = finetune.predict(classifier, clips, 3, torch.device("cpu"), torch.autocast("cpu", enabled=False),
                              multiclass=True)
@@ -116,8 +116,8 @@ def test_augmentation_changes_only_training_batches():
     test chunks do not depend on them (predict takes no augmentation)."""
     cfg = tiny_encoder().cfg
     rng = np.random.default_rng(3)
-    inputs = [finetune.clip_input(torch.from_numpy(tone(f, s, rng)), embed.Embedder(tiny_encoder()).frontend,
-                                  cfg, "clip") for f, s in ((300, 0.5), (900, 2.5), (2000, 3.1))]
+    inputs = [finetune.clip_input(torch.from_numpy(tone(f, s, rng)), embed.Embedder(tiny_encoder()), "clip")
+              for f, s in ((300, 0.5), (900, 2.5), (2000, 3.1))]
     clips = finetune.Clips([x for x, _ in inputs], [t for _, t in inputs], torch.eye(3))
     indices = np.array([2, 0, 1])
     plain = finetune.Augment(time_mask=0, freq_mask=0, mixup=0.0, label_smoothing=0.0)
@@ -178,7 +178,7 @@ def test_loss_decreases_and_results_score_with_evaluate(task, tmp_path):
 
 
 def test_linear_leaves_the_encoder_bit_identical(task, tmp_path):
-    start = finetune.load_encoder("mwmae-tiny", tuple(TINY[1::2]))[0].state_dict()
+    start = finetune.load_encoder("mwmae-tiny", tuple(TINY[1::2]))[0].mae.state_dict()
     for mode, flags in (("linear", ["--linear"]), ("full", [])):
         out = tmp_path / mode
         run("mwmae-tiny", task, "--out", out, *FAST, "--batch-size", "2", "--epochs", "4", "--stop-at", "5", *flags)
