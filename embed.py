@@ -468,12 +468,6 @@ def load_model_or_fail(model_path: str | None, **options) -> Embedder:
     return model
 
 
-def check_compile_device(compiled: bool, device: torch.device) -> None:
-    """--compile uses inductor, which generates code for CPUs and CUDA GPUs only."""
-    if compiled and device.type not in ("cpu", "cuda"):
-        raise click.ClickException(f"--compile works on cpu and cuda, not on {device.type}")
-
-
 def find_audio_or_fail(audio_dirs: tuple[str, ...], bad: dict[str, str]) -> list[str]:
     """The regular files under AUDIO_DIR... (anything else goes into `bad`); none is an error."""
     try:
@@ -531,7 +525,7 @@ def main(inputs, out, timestamps, batch_size, device, layout, seed, overwrite, c
     --timestamps, OUT/timestamps/<row>.npz holding `embeddings` [T, D] and `timestamps` [T] (ms).
     """
     (model_path, audio_dirs), out = inputs, Path(out)
-    check_compile_device(compiled, device)
+    mae.check_compile_device(compiled, device)
     model = load_model_or_fail(model_path, layout=layout, seed=seed, batch_size=batch_size,
                                compiled=compiled)
     model = model.to(device)

@@ -643,7 +643,7 @@ def run(inputs, out, overwrite, seeds, device, batch_size, layout, model_seed, m
         torch.set_num_threads(threads)
     tasks = load_tasks(task_dirs)
     out = Path(out or Path("results") / Path(model_path).stem)
-    embed.check_compile_device(compiled, device)
+    mae.check_compile_device(compiled, device)
     device = str(device)  # probe processes compare it with "cpu"
     model = load_model(model_path, layout, model_seed, batch_size, device, compiled)
     if model_arg is None:

@@ -434,6 +434,13 @@ class DeviceChoice(click.Choice):
             self.fail(str(error), param, ctx)
 
 
+def check_compile_device(compiled: bool, device: torch.device) -> None:
+    """--compile (train, embed, evaluate) uses inductor, which generates code for CPUs and CUDA
+    GPUs only: another device is a one-line error."""
+    if compiled and device.type not in ("cpu", "cuda"):
+        raise click.ClickException(f"--compile works on cpu and cuda, not on {device.type}")
+
+
 # ----------------------------------------------------------------------------- summary
 
 

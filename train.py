@@ -368,8 +368,7 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
         raise click.BadParameter(str(error), param_hint="--set") from None
 
     device, rank, world = training.setup_device(device)
-    if compiled and device.type not in ("cpu", "cuda"):
-        raise click.ClickException(f"--compile works on cpu and cuda, not on {device.type}")
+    mae.check_compile_device(compiled, device)
     master = rank == 0
     logging.basicConfig(level=logging.INFO if master else logging.ERROR, format="%(message)s")
     echo = click.echo if master else (lambda *args, **kwargs: None)
