@@ -206,11 +206,9 @@ def _unpickling_problem(error: pickle.UnpicklingError) -> str:
     return "not a readable checkpoint (corrupt pickle data)"
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A checkpoint of this project (a torch file with 'config' and 'model', e.g. train.py's),
-    read with weights_only=True, so nothing pickled is executed, and checked: 'model' holds
-    floating-point tensors that are exactly those its config needs. Other entries are the
-    caller's to check. Any problem raises CheckpointError."""
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu"):
+    """The contents of a torch file, read with weights_only=True, so nothing pickled is
+    executed. Any problem (not a torch file, damaged, refused globals) raises CheckpointError."""
     try:
         kind = model_file_kind(path)
     except OSError as error:
@@ -218,11 +216,19 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if kind not in ("torch", "torch-legacy"):
         raise _error(path, "not a torch checkpoint")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise _error(path, _unpickling_problem(error)) from None
     except Exception as error:  # torch.load fails in many ways on damaged files
         raise _error(path, f"not a readable checkpoint ({type(error).__name__})") from None
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint of this project (a torch file with 'config' and 'model', e.g. train.py's),
+    read by read_torch_file and checked: 'model' holds floating-point tensors that are exactly
+    those its config needs. Other entries are the caller's to check. Any problem raises
+    CheckpointError."""
+    checkpoint = read_torch_file(path, map_location)
     if not isinstance(checkpoint, dict) or not {"config", "model"} <= checkpoint.keys():
         raise _error(path, "not a checkpoint of this project (needs 'config' and 'model')")
     state = checkpoint["model"]

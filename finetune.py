@@ -68,6 +68,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import audio
+import checkpoints
 import embed
 import evaluate
 import files
@@ -566,10 +567,11 @@ def read_job_checkpoint(out: Path, name: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file fails in many ways
-        raise click.ClickException(f"cannot resume: {files.shown(path)} is not readable "
-                                   f"({type(error).__name__})") from None
+        checkpoint = checkpoints.read_torch_file(path)
+    except checkpoints.CheckpointError as error:
+        raise click.ClickException(f"cannot resume: {error}") from None
+    if not isinstance(checkpoint, dict):
+        raise click.ClickException(f"cannot resume: {files.shown(path)} is not a fine-tuning checkpoint")
     return checkpoint if checkpoint.get("job") == name else None
 
 
