@@ -85,6 +85,14 @@ def shown(path: str | Path) -> str:
     return os.fsencode(os.fspath(path)).decode("utf-8", errors="backslashreplace")
 
 
+def holds_only(folder: str | Path, names) -> bool:
+    """True if `folder` holds nothing but files named in `names`, its lock and temporary files
+    atomic_write left (a command's own work, e.g. a run killed before its first checkpoint)."""
+    ours = {*names, LOCK_NAME}
+    return all(path.name in ours or path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+               for path in Path(folder).iterdir())
+
+
 def remove_temp_files(folder: str | Path) -> list[Path]:
     """Delete the temporary files atomic_write left in `folder` (a process killed mid-write).
     Only call this while holding the folder's lock (OutputFolder does)."""

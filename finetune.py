@@ -527,9 +527,7 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> files.OutputFolder
         raise click.ClickException("--resume continues the run in --out and --overwrite "
                                    "replaces it: pass one of them")
     has_run = out.is_dir() and ((out / JOBS).is_file() or (out / CHECKPOINT).is_file())
-    ours = {*OUTPUTS, files.LOCK_NAME}
-    only_ours = out.is_dir() and all(p.name in ours or p.name.endswith(files.TEMP_SUFFIX)
-                                     for p in out.iterdir())
+    only_ours = out.is_dir() and files.holds_only(out, OUTPUTS)
     try:
         folder = files.OutputFolder(out, own=OUTPUTS, overwrite=overwrite,
                                     resumable=only_ours and (resume or has_run) and not overwrite)

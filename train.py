@@ -190,13 +190,6 @@ def own_outputs(out: Path) -> list[str]:
     return [CHECKPOINT, METRICS, FINAL, *sorted(path.name for path in kept)]
 
 
-def only_own_outputs(out: Path) -> bool:
-    """True if --out holds nothing but train.py's outputs (and its lock and temporary files)."""
-    ours = {*own_outputs(out), files.LOCK_NAME}
-    return all(path.name in ours or path.name.startswith(".") and
-               path.name.endswith(files.TEMP_SUFFIX) for path in out.iterdir())
-
-
 def claim_output(out: Path, resume: bool, overwrite: bool) -> files.OutputFolder:
     """Lock --out for this run (a second process on it fails at once) and keep runs apart: a
     non-empty folder is taken with --resume when it holds this command's run (a checkpoint,
@@ -206,7 +199,7 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> files.OutputFolder
         raise click.ClickException("--resume continues the run in --out and --overwrite "
                                    "replaces it: pass one of them")
     has_checkpoint = (out / CHECKPOINT).is_file()
-    resumable = resume and (has_checkpoint or out.is_dir() and only_own_outputs(out))
+    resumable = resume and (has_checkpoint or out.is_dir() and files.holds_only(out, own_outputs(out)))
     try:
         folder = files.OutputFolder(out, own=own_outputs(out), overwrite=overwrite,
                                     resumable=resumable or has_checkpoint and not overwrite)
