@@ -373,9 +373,6 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
         if demo:
             echo("DEMO: no DATA given, so training on the built-in set of SYNTHETIC sounds "
                  "(tones, chirps, noise, clicks), not real audio.")
-        shard_run = shards.is_shard_source(data_paths)
-        if not shard_run:
-            store = open_store(data_paths, Path(cache_dir), workers)
         torch.manual_seed(seed)
         checkpoint_path = out / CHECKPOINT
         checkpoint = None
@@ -383,11 +380,13 @@ def main(data_paths, model_name, overrides, out, epochs, max_steps, stop_at, bat
             checkpoint = read_run_checkpoint(checkpoint_path)
         elif resume:
             echo(f"--resume: no {checkpoint_path} yet, so starting a new run")
+        shard_run = shards.is_shard_source(data_paths)
         if shard_run:
             loader = open_shards(data_paths, batch_size, accum_steps, workers, seed,
                                  cfg.input_size[0], pin_memory=device.type == "cuda")
             dataset = loader.dataset
         else:
+            store = open_store(data_paths, Path(cache_dir), workers)
             dataset = data.CropDataset(store, crop_frames=cfg.input_size[0], seed=seed)
             check_enough_clips(len(dataset), world, batch_size, accum_steps)
             loader = data.make_loader(dataset, batch_size, workers=workers, seed=seed,
